@@ -1,0 +1,1 @@
+"""Image decoding, webdataset shards, manifests and dataset statistics."""

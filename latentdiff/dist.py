@@ -1,0 +1,122 @@
+"""Process-group helpers shared by every stage (encode, train, sample, FID).
+
+Works under ``torchrun``, the ``deepspeed`` launcher and plain ``srun`` (SLURM variables are
+mapped to RANK/WORLD_SIZE/LOCAL_RANK; MASTER_ADDR/MASTER_PORT must come from the job script,
+there is no localhost fallback on multi-node jobs).  Device-agnostic through
+``deepspeed.get_accelerator()``: CUDA/NCCL on GPUs, CPU/gloo here.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "env_rank",
+    "env_world_size",
+    "env_local_rank",
+    "get_rank",
+    "get_world_size",
+    "is_main",
+    "init_distributed",
+    "destroy",
+    "barrier",
+    "device",
+    "accelerator",
+]
+
+
+def _slurm_to_env() -> None:
+    """Under ``srun`` without torchrun, take ranks from SLURM variables."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if ntasks <= 1:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = str(ntasks)
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def env_rank() -> int:
+    _slurm_to_env()
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    _slurm_to_env()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_local_rank() -> int:
+    _slurm_to_env()
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else env_rank()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else env_world_size()
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def accelerator():
+    import deepspeed
+
+    return deepspeed.get_accelerator()
+
+
+def device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` on GPUs, ``cpu`` here."""
+    acc = accelerator()
+    name = acc.device_name(env_local_rank()) if acc.device_name() != "cpu" else "cpu"
+    return torch.device(name)
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> bool:
+    """Initialize the default process group if the launcher asked for more than one rank.
+
+    Returns True when a multi-rank group is active.  The backend comes from the accelerator
+    (nccl on CUDA, gloo on CPU).
+    """
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    if env_world_size() <= 1:
+        return False
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise RuntimeError(
+                f"{var} is not set but WORLD_SIZE={env_world_size()}: launch with torchrun/deepspeed, "
+                "or export MASTER_ADDR/MASTER_PORT in the SLURM script (see slurm/*.sbatch)"
+            )
+    acc = accelerator()
+    if acc.device_name() != "cpu":
+        acc.set_device(env_local_rank())
+    dist.init_process_group(
+        backend=acc.communication_backend_name(),
+        rank=env_rank(),
+        world_size=env_world_size(),
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return True
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def destroy() -> None:
+    """Tear down the process group (without it a rank was seen to abort at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
