@@ -80,16 +80,31 @@ def device() -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> bool:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: float = 30.0, *, single_process_group: bool = False) -> bool:
     """Initialize the default process group if the launcher asked for more than one rank.
 
     Returns True when a multi-rank group is active.  The backend comes from the accelerator
-    (nccl on CUDA, gloo on CPU).
+    (nccl on CUDA, gloo on CPU).  ``single_process_group=True`` also creates a 1-rank group when the
+    job was started without a launcher (DeepSpeed needs one; it would otherwise try MPI discovery).
     """
     if dist.is_initialized():
         return dist.get_world_size() > 1
     if env_world_size() <= 1:
-        return False
+        if not single_process_group:
+            return False
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise RuntimeError(

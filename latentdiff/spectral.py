@@ -32,6 +32,7 @@ __all__ = [
     "wsnr",
     "wsnr_equivalent_sigma",
     "radial_profile",
+    "affine_power_spectrum",
 ]
 
 
@@ -190,3 +191,23 @@ def radial_profile(power) -> tuple[torch.Tensor, torch.Tensor]:
     counts = torch.zeros(nbins, dtype=torch.float64).index_add_(0, r.flatten(), torch.ones_like(p.flatten()))
     keep = counts > 0
     return torch.arange(nbins, dtype=torch.float64)[keep], sums[keep] / counts[keep]
+
+
+def affine_power_spectrum(power, channel_mean, shift, scale) -> torch.Tensor:
+    """Exact mean spectrum of ``y' = (y - shift_c) * scale_c`` from the mean spectrum of ``y``.
+
+    With the orthonormal DFT a constant ``a`` contributes only to the DC bin, ``F(a)(0, 0) = a sqrt(HW)``,
+    and ``E[F(y)(0, 0)] = sqrt(HW) * mean_c``.  Hence ``P'_c = scale_c^2 P_c`` off DC and
+    ``P'_c(0, 0) = scale_c^2 (P_c(0, 0) - 2 shift_c HW mean_c + shift_c^2 HW)``.
+    ``channel_mean`` is the dataset mean of channel c (over images and pixels).
+    """
+    p = _as_power(power).clone()
+    c, h, w = p.shape
+    m = torch.as_tensor(channel_mean, dtype=torch.float64).reshape(-1)
+    a = torch.as_tensor(shift, dtype=torch.float64).reshape(-1)
+    k = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
+    if not (m.numel() == a.numel() == k.numel() == c):
+        raise ValueError(f"channel_mean/shift/scale need {c} entries each, got {m.numel()}, {a.numel()}, {k.numel()}")
+    hw = h * w
+    p[:, 0, 0] = p[:, 0, 0] - 2 * a * hw * m + a.square() * hw
+    return p * k.square().view(-1, 1, 1)

@@ -144,3 +144,15 @@ def test_wsnr_input_validation():
     with pytest.raises(ValueError):
         wsnr_constant(torch.zeros(1, 2, 2))
     assert math.isclose(wsnr_constant(torch.ones(1, 2, 2)).item(), 1.0)
+
+
+def test_affine_power_spectrum_is_exact():
+    from latentdiff.spectral import affine_power_spectrum
+
+    g = torch.Generator().manual_seed(9)
+    y = torch.randn(500, 3, 6, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.3]).view(1, 3, 1, 1)
+    y = y + torch.tensor([0.7, -1.5, 3.0]).view(1, 3, 1, 1)
+    shift, scale = torch.tensor([0.2, -1.0, 2.5]), torch.tensor([0.5, 3.0, -1.2])
+    direct = power_spectrum((y - shift.view(1, 3, 1, 1)) * scale.view(1, 3, 1, 1))
+    mean_c = y.mean(dim=(0, 2, 3))
+    assert torch.allclose(affine_power_spectrum(power_spectrum(y), mean_c, shift, scale), direct, rtol=1e-10, atol=1e-10)

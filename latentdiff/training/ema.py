@@ -1,0 +1,155 @@
+"""Exponential moving averages of the denoiser weights, fp32, correct under every ZeRO stage.
+
+``ema <- rate * ema + (1 - rate) * theta`` after every optimizer step, for several rates at once.
+
+* ZeRO-0/1/2: parameters are replicated, every rank keeps the full fp32 EMA (rank 0 saves it).
+* ZeRO-3: parameters are partitioned; every rank keeps the EMA of *its own partition*
+  (``param.ds_tensor``, a flat slice of ``ceil(numel / world)`` elements, zero-padded at the end), so
+  no communication is needed per step and the EMA costs 1/world of the model per rate.  Each rank
+  saves its shard; :meth:`EMA.full_state` gathers a full copy (a collective: every rank calls it) and
+  :func:`consolidate` rebuilds full tensors offline from the shard files (for the export).
+
+Under bf16/fp16 the module parameters hold the low-precision copy of the fp32 master weights; the EMA
+accumulates those values in fp32 (the usual practice; the rounding noise averages out).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from ..errors import TrainError
+
+__all__ = ["EMA", "consolidate", "is_zero3_param"]
+
+
+def is_zero3_param(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_tensor") and hasattr(p, "ds_numel")
+
+
+def _key(rate: float, name: str) -> str:
+    return f"{rate!r}/{name}"
+
+
+class EMA:
+    def __init__(self, module: torch.nn.Module, rates):
+        self.rates = [float(r) for r in rates]
+        named = [(n, p) for n, p in module.named_parameters()]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.zero3 = any(is_zero3_param(p) for p in self.params)
+        self.shapes = {n: list(p.ds_shape if self.zero3 else p.shape) for n, p in named}
+        self.numels = {n: int(p.ds_numel if self.zero3 else p.numel()) for n, p in named}
+        with torch.no_grad():
+            self.shadow = {r: [self._source(p).detach().float().clone() for p in self.params] for r in self.rates}
+
+    def _source(self, p: torch.nn.Parameter) -> torch.Tensor:
+        return p.ds_tensor if self.zero3 else p.data
+
+    @torch.no_grad()
+    def update(self) -> None:
+        cur = [self._source(p).float() for p in self.params]
+        for r, sh in self.shadow.items():
+            torch._foreach_lerp_(sh, cur, 1.0 - r)
+
+    # persistence --------------------------------------------------------------------------------
+    def _file(self, directory: Path, rank: int) -> Path:
+        return directory / (f"ema_rank{rank:05d}.safetensors" if self.zero3 else "ema.safetensors")
+
+    def save(self, directory: str | Path, rank: int, world_size: int) -> None:
+        """ZeRO-3: every rank writes its shard; otherwise rank 0 writes the full EMA."""
+        directory = Path(directory)
+        if not self.zero3 and rank != 0:
+            return
+        tensors = {_key(r, n): t.contiguous() for r, sh in self.shadow.items() for n, t in zip(self.names, sh)}
+        meta = {
+            "rates": json.dumps(self.rates),
+            "zero3": json.dumps(self.zero3),
+            "world_size": json.dumps(world_size),
+            "rank": json.dumps(rank),
+            "shapes": json.dumps(self.shapes),
+            "numels": json.dumps(self.numels),
+        }
+        save_file(tensors, str(self._file(directory, rank)), metadata=meta)
+
+    def load(self, directory: str | Path, rank: int, world_size: int) -> None:
+        path = self._file(Path(directory), rank)
+        if not path.is_file():
+            raise TrainError(f"{path} is missing: the checkpoint has no EMA for this rank (incomplete checkpoint?)")
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if self.zero3 and json.loads(meta.get("world_size", "0")) != world_size:
+            raise TrainError(
+                f"{path}: ZeRO-3 EMA shards were written by {meta.get('world_size')} ranks but {world_size} are running; "
+                "resume with the same number of ranks"
+            )
+        if json.loads(meta.get("rates", "[]")) != self.rates:
+            raise TrainError(f"{path}: EMA rates {meta.get('rates')} differ from the config's {self.rates}")
+        tensors = load_file(str(path))
+        with torch.no_grad():
+            for r, sh in self.shadow.items():
+                for n, t in zip(self.names, sh):
+                    src = tensors.get(_key(r, n))
+                    if src is None or src.shape != t.shape:
+                        raise TrainError(f"{path}: EMA tensor {n} (rate {r}) is missing or has the wrong shape")
+                    t.copy_(src)
+
+    # full weights ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def full_state(self, rate: float, dst: int | None = 0) -> dict[str, torch.Tensor] | None:
+        """Full fp32 EMA tensors for ``rate``.  Under ZeRO-3 this gathers (every rank must call);
+        ``dst=None`` returns them on every rank, otherwise only on rank ``dst`` (None elsewhere)."""
+        sh = self.shadow[float(rate)]
+        if not self.zero3:
+            if dst is not None and dist.is_initialized() and dist.get_rank() != dst:
+                return None
+            return {n: t.clone() for n, t in zip(self.names, sh)}
+        world = dist.get_world_size()
+        out = {}
+        for n, t in zip(self.names, sh):
+            parts = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(parts, t)
+            out[n] = torch.cat(parts)[: self.numels[n]].view(self.shapes[n]).clone()
+        if dst is not None and dist.get_rank() != dst:
+            return None
+        return out
+
+
+def consolidate(directory: str | Path) -> dict[float, dict[str, torch.Tensor]]:
+    """Full fp32 EMA weights per rate from a checkpoint directory, without a process group."""
+    directory = Path(directory)
+    single = directory / "ema.safetensors"
+    from safetensors import safe_open
+
+    if single.is_file():
+        files = [single]
+    else:
+        files = sorted(directory.glob("ema_rank*.safetensors"))
+        if not files:
+            raise TrainError(f"{directory} holds no EMA (ema.safetensors or ema_rank*.safetensors)")
+    with safe_open(str(files[0]), "pt") as f:
+        meta = f.metadata() or {}
+    rates = json.loads(meta["rates"])
+    shapes, numels = json.loads(meta["shapes"]), json.loads(meta["numels"])
+    zero3 = json.loads(meta["zero3"])
+    if zero3 and len(files) != json.loads(meta["world_size"]):
+        raise TrainError(f"{directory}: {len(files)} EMA shards found, {meta['world_size']} expected (incomplete checkpoint)")
+    shards = [load_file(str(p)) for p in files]
+    out: dict[float, dict[str, torch.Tensor]] = {}
+    for r in rates:
+        out[r] = {}
+        for n in shapes:
+            k = _key(r, n)
+            if zero3:
+                full = torch.cat([s[k] for s in shards])[: numels[n]]
+            else:
+                full = shards[0][k].reshape(-1)
+            if full.numel() != numels[n] or numels[n] == 0:
+                raise TrainError(f"{directory}: EMA tensor {n} has {full.numel()} elements, expected {numels[n]} (> 0)")
+            out[r][n] = full.view(shapes[n]).clone()
+    return out

@@ -1,0 +1,106 @@
+"""What the trainer derives from a dataset's ``stats.json``/``stats.npz`` before training.
+
+* the normalization raw latent -> model space (``sd`` or ``channel``),
+* sigma_data = RMS of the model-space (sampled) latents (EDM's c_skip/c_out/c_in assume
+  E[y^2] = sigma_data^2, edm.txt Appendix B.6),
+* the training sigma distribution: EDM log-normal, VP, VE, or the WSNR-aligned log-normal
+  (wsnr.txt Sec. 4): P_mean shifted so that p(WSNR) on the model-space latents equals p(WSNR) of the
+  EDM log-normal on the 64x64 RGB reference spectrum,
+* the data-driven sigma_max = sqrt(mu_d + alpha sigma_d) of the model-space data (Eq. 7-8).
+
+The result is a plain dict stored in every checkpoint and export, so the sampler reuses exactly
+these values (trap T14).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ..autoencoder import Normalization
+from ..data.manifest import load_manifest
+from ..data.stats import DatasetStats
+from ..errors import ConfigError
+from ..noise import EDM_SIGMA_MAX, LogNormalSigma, VESigma, VPSigma, data_driven_sigma_max, wsnr_aligned
+from ..spectral import affine_power_spectrum, wsnr_constant
+
+__all__ = ["resolve_schedule", "model_space_power", "SCHEDULE_VERSION"]
+
+SCHEDULE_VERSION = 1
+
+
+def make_normalization(kind: str, manifest: dict, stats: DatasetStats, sigma_target: float) -> Normalization:
+    if kind == "sd":
+        return Normalization.sd(manifest["vae"], channels=stats.sample_shape[0])
+    if kind == "channel":
+        return Normalization.channel(stats, sigma_target)
+    raise ConfigError(f"normalization: {kind!r} is not one of sd/channel")
+
+
+def model_space_power(stats: DatasetStats, norm: Normalization) -> torch.Tensor:
+    """Mean power spectrum of the model-space *sampled* latents (exact, from the raw statistics)."""
+    return affine_power_spectrum(stats.sampled_latent_power, stats.channel_mean, norm.shift, norm.scale)
+
+
+def model_space_rms(stats: DatasetStats, norm: Normalization) -> float:
+    """sqrt(E[y^2]) over channels of the model-space sampled latents."""
+    shift = torch.tensor(norm.shift, dtype=torch.float64)
+    scale = torch.tensor(norm.scale, dtype=torch.float64)
+    second = scale.square() * (stats.channel_std.square() + (stats.channel_mean - shift).square())
+    return math.sqrt(float(second.mean()))
+
+
+def resolve_schedule(cfg, dataset_dir: str | Path | None = None) -> dict:
+    """The normalization, sigma_data, training sigma distribution and sigma_max for ``cfg``."""
+    root = Path(dataset_dir or cfg.dataset)
+    manifest = load_manifest(root)
+    stats = DatasetStats.load(root)
+    norm = make_normalization(cfg.normalization, manifest, stats, cfg.sigma_target)
+    rms = model_space_rms(stats, norm)
+    sigma_data = float(cfg.sigma_data) if cfg.sigma_data > 0 else rms
+    mu_d, sd_d = stats.distance_stats().moments(norm.scale)
+    sigma_max = data_driven_sigma_max((mu_d, sd_d), cfg.sigma_max_alpha)
+    out = {
+        "version": SCHEDULE_VERSION,
+        "normalization": norm.to_dict(),
+        "sigma_data": sigma_data,
+        "model_space_rms": rms,
+        "sigma_min": float(cfg.sigma_min),
+        "sigma_max": sigma_max,
+        "sigma_max_rule": {"alpha": cfg.sigma_max_alpha, "mu_d": mu_d, "sigma_d": sd_d, "eq": "wsnr.txt Eq. 7-8"},
+        "sigma_max_edm": EDM_SIGMA_MAX,
+        "stats_shards_hash": stats.shards_hash,
+        "noise": cfg.noise,
+    }
+    base = LogNormalSigma(cfg.p_mean, cfg.p_std)
+    if cfg.noise == "edm":
+        dist = base
+    elif cfg.noise == "vp":
+        dist = VPSigma()
+    elif cfg.noise == "ve":
+        dist = VESigma()
+    elif cfg.noise == "wsnr":
+        ref_root = Path(cfg.wsnr_reference) if cfg.wsnr_reference else root
+        ref_stats = stats if ref_root == root else DatasetStats.load(ref_root)
+        if ref_stats.rgb64_power is None:
+            raise ConfigError(
+                f"noise=wsnr needs the 64x64 RGB reference spectrum, but {ref_root}/stats.npz has none "
+                "(re-run tools/dataset_stats.py with the images, or set wsnr_reference to another dataset, or noise=edm)"
+            )
+        target = model_space_power(stats, norm)
+        dist = wsnr_aligned(base, ref_stats.rgb64_power, target, include_dc=cfg.wsnr_include_dc)
+        k_ref = float(wsnr_constant(ref_stats.rgb64_power, include_dc=cfg.wsnr_include_dc))
+        k_tgt = float(wsnr_constant(target, include_dc=cfg.wsnr_include_dc))
+        out["wsnr"] = {
+            "reference": str(ref_root),
+            "include_dc": cfg.wsnr_include_dc,
+            "k_reference": k_ref,
+            "k_target": k_tgt,
+            "sigma_factor": math.sqrt(k_tgt / k_ref),
+            "p_mean_shift": 0.5 * math.log(k_tgt / k_ref),
+        }
+    else:
+        raise ConfigError(f"noise: {cfg.noise!r} is not one of wsnr/edm/vp/ve")
+    out["sigma_dist"] = dist.to_dict()
+    return out
