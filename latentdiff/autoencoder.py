@@ -1,0 +1,461 @@
+"""The VAE wrapper and the raw <-> model-space latent normalization.
+
+Autoencoder
+-----------
+:class:`Autoencoder` wraps a diffusers ``AutoencoderKL`` loaded from a Hugging Face hub id (default
+``stabilityai/sd-vae-ft-ema``) or a local directory (``save_pretrained`` layout: ``config.json`` +
+``diffusion_pytorch_model.safetensors``, or a pipeline folder with a ``vae/`` subfolder), or is the
+identity for pixel-space training (``"none"``).
+
+* Images are (B, 3, H, W) in **[-1, 1]**.  ``encode`` returns the posterior ``(mean, std)`` in *raw*
+  VAE space (no scaling/shift applied), float32.  ``decode`` maps raw latents back to images.
+* The VAE runs in fp32 **outside autocast** (trap T3: fp16 VAEs produce NaN/Inf on large images).
+  A lower precision (``bf16``/``fp16``) is only used after :meth:`Autoencoder.validate_precision`
+  compared it with fp32 on real images; the encoder does that on its first batch.
+* A hub id is loaded with ``local_files_only=True`` when ``HF_HUB_OFFLINE=1`` (or ``offline=True``);
+  when it cannot be loaded, :class:`~latentdiff.errors.EncodeError` says how to pass a local path.
+
+Normalization
+-------------
+The diffusion model never sees raw latents: ``model = (raw - shift) * scale`` per channel, with the
+exact inverse ``raw = model / scale + shift`` applied before decoding (trap T1).  Two recipes:
+
+* ``sd``: ``shift = shift_factor or 0``, ``scale = scaling_factor`` from the VAE config (Stable
+  Diffusion).  **Every** ``AutoencoderKL`` reports ``scaling_factor = 0.18215`` unless its config says
+  otherwise -- that constant was fitted to the SD VAE only.  For any other VAE use ``channel``.
+  In pixel space ``sd`` is the identity.
+* ``channel`` (EDM2 style): ``shift = mean_c``, ``scale = sigma_target / std_c`` from the dataset
+  statistics (``stats.json``; ``std_c`` is the std of the *sampled* latents ``mean + std * eps``, which
+  is what the model is trained on), so every channel has mean 0 and std ``sigma_target`` (0.5 default).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import EncodeError
+
+__all__ = [
+    "DEFAULT_VAE",
+    "PIXEL_RANGE",
+    "PRECISIONS",
+    "Autoencoder",
+    "Normalization",
+    "load_autoencoder",
+]
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+PIXEL_RANGE = (-1.0, 1.0)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def _resolve_local_dir(path: Path) -> Path:
+    """A ``save_pretrained`` folder, or a pipeline folder holding ``vae/``."""
+    if (path / "config.json").is_file():
+        return path
+    if (path / "vae" / "config.json").is_file():
+        return path / "vae"
+    raise EncodeError(
+        f"--vae {str(path)!r}: the directory has no config.json (nor vae/config.json); pass the folder "
+        "written by AutoencoderKL.save_pretrained(), a diffusers pipeline folder, a hub id, or 'none'"
+    )
+
+
+class Autoencoder:
+    """VAE (or identity) with fp32-by-default encode/decode and a manifest description.
+
+    Use :func:`load_autoencoder` / :meth:`Autoencoder.load` to build one from a spec string.
+    """
+
+    def __init__(
+        self,
+        vae: Any | None,
+        *,
+        spec: str = "none",
+        source: str = "none",
+        revision: str | None = None,
+        weights_sha256: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.vae = vae
+        self.spec = spec
+        self.source = source
+        self.revision = revision
+        self.weights_sha256 = weights_sha256
+        self.precision = "fp32"
+        self._low = None  # reduced-precision copy, only after validate_precision
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if vae is not None:
+            vae.train(False).requires_grad_(False)
+            if any(p.dtype != torch.float32 for p in vae.parameters()):
+                vae.float()
+            vae.to(self.device)
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        spec: str = DEFAULT_VAE,
+        *,
+        revision: str | None = None,
+        device: torch.device | str | None = None,
+        offline: bool | None = None,
+    ) -> "Autoencoder":
+        """``spec``: ``"none"`` (pixel space), a local directory, or a hub id ``org/name``."""
+        if spec is None or str(spec).strip() == "":
+            raise EncodeError("--vae is empty: pass a hub id (e.g. stabilityai/sd-vae-ft-ema), a local directory, or 'none'")
+        spec = str(spec)
+        if spec.lower() == "none":
+            return cls(None, spec="none", source="none", device=device)
+        from diffusers import AutoencoderKL
+
+        path = Path(spec).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise EncodeError(f"--vae {spec!r} is a file; pass the directory that holds config.json and the weights")
+            local = _resolve_local_dir(path.resolve())
+            weights = next((local / w for w in _WEIGHT_FILES if (local / w).is_file()), None)
+            if weights is None:
+                raise EncodeError(
+                    f"--vae {spec!r}: no weights in {local} (expected {' or '.join(_WEIGHT_FILES)}); "
+                    "re-save the model with save_pretrained()"
+                )
+            try:
+                vae = AutoencoderKL.from_pretrained(
+                    str(local), torch_dtype=torch.float32, local_files_only=True, low_cpu_mem_usage=False
+                )
+            except Exception as exn:  # noqa: BLE001 - any loader failure becomes one clear message
+                raise EncodeError(f"--vae {spec!r}: cannot load an AutoencoderKL from {local}: {exn}") from exn
+            return cls(vae, spec=str(local), source="local", revision=revision,
+                       weights_sha256=_sha256_file(weights), device=device)
+        if not _HUB_ID.match(spec):
+            raise EncodeError(
+                f"--vae {spec!r} is neither an existing directory nor a hub id of the form org/name; "
+                "pass a local folder (AutoencoderKL.save_pretrained layout), a hub id, or 'none'"
+            )
+        offline = _offline() if offline is None else offline
+
+        def _from_hub(local_only: bool):
+            _, commit = AutoencoderKL.load_config(
+                spec, revision=revision, local_files_only=local_only, return_unused_kwargs=False, return_commit_hash=True
+            )
+            vae = AutoencoderKL.from_pretrained(
+                spec, revision=revision, torch_dtype=torch.float32, local_files_only=local_only, low_cpu_mem_usage=False
+            )
+            return vae, commit
+
+        try:
+            try:  # the local cache first: instant, and no network round trip when the model is there
+                vae, commit = _from_hub(True)
+            except Exception:  # noqa: BLE001
+                if offline:
+                    raise
+                vae, commit = _from_hub(False)
+        except Exception as exn:  # noqa: BLE001
+            how = (
+                "HF_HUB_OFFLINE=1 is set and the model is not in the local Hugging Face cache"
+                if offline
+                else "the hub could not be reached or the id/revision does not exist"
+            )
+            raise EncodeError(
+                f"--vae {spec!r}: cannot load the VAE ({how}: {type(exn).__name__}: {str(exn)[:200]}). "
+                f"Download it on a machine with network access (AutoencoderKL.from_pretrained('{spec}')"
+                ".save_pretrained('/path/vae')) and pass --vae /path/vae, or use --vae none for pixel space"
+            ) from exn
+        return cls(vae, spec=spec, source="hub", revision=commit or revision, device=device)
+
+    # properties -------------------------------------------------------------------------------
+    @property
+    def is_pixel(self) -> bool:
+        return self.vae is None
+
+    @property
+    def latent_channels(self) -> int:
+        return 3 if self.vae is None else int(self.vae.config.latent_channels)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return 1.0 if self.vae is None else float(self.vae.config.scaling_factor)
+
+    @property
+    def shift_factor(self) -> float | None:
+        if self.vae is None:
+            return None
+        s = getattr(self.vae.config, "shift_factor", None)
+        return None if s is None else float(s)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        f = self.downsampling_factor
+        if resolution % f:
+            raise EncodeError(
+                f"--resolution {resolution} is not divisible by the VAE downsampling factor {f}; "
+                f"use a multiple of {f} (e.g. {max(f, resolution // f * f)})"
+            )
+        return (self.latent_channels, resolution // f, resolution // f)
+
+    def description(self) -> dict:
+        """What the manifest records (trap T1): enough to reload the same VAE and undo its scaling."""
+        if self.vae is None:
+            return {
+                "kind": "none", "id": "none", "source": "none", "revision": None, "weights_sha256": None,
+                "scaling_factor": 1.0, "shift_factor": None, "latent_channels": 3, "downsampling_factor": 1,
+                "in_pixel_range": list(PIXEL_RANGE),
+            }
+        cfg = self.vae.config
+        return {
+            "kind": "AutoencoderKL",
+            "id": self.spec,
+            "source": self.source,
+            "revision": self.revision,
+            "weights_sha256": self.weights_sha256,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "latent_channels": self.latent_channels,
+            "downsampling_factor": self.downsampling_factor,
+            "in_pixel_range": list(PIXEL_RANGE),
+            "config": {
+                "block_out_channels": list(cfg.block_out_channels),
+                "layers_per_block": int(cfg.layers_per_block),
+                "sample_size": cfg.sample_size if isinstance(cfg.sample_size, int) else list(cfg.sample_size),
+                "force_upcast": bool(getattr(cfg, "force_upcast", True)),
+            },
+        }
+
+    # compute ----------------------------------------------------------------------------------
+    def to(self, device) -> "Autoencoder":
+        self.device = torch.device(device)
+        if self.vae is not None:
+            self.vae.to(self.device)
+        if self._low is not None:
+            self._low.to(self.device)
+        return self
+
+    def _no_autocast(self):
+        # The VAE runs in its own precision whatever autocast context the caller is in (trap T3).
+        try:
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        except RuntimeError:
+            return contextlib.nullcontext()
+
+    def _model(self, precision: str | None):
+        p = self.precision if precision is None else precision
+        if p == "fp32":
+            return self.vae, torch.float32
+        if self._low is None or p != self.precision:
+            raise EncodeError(
+                f"precision {p!r} was not validated for this VAE; call validate_precision() first or use fp32"
+            )
+        return self._low, PRECISIONS[p]
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] (B, 3, H, W) -> posterior (mean, std), raw VAE space, float32."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+        x = images.to(self.device, torch.float32)
+        if self.vae is None:
+            return x.clone(), torch.zeros_like(x)
+        model, dtype = self._model(precision)
+        with self._no_autocast():
+            dist = model.encode(x.to(dtype)).latent_dist
+            mean = dist.mean.float()
+            std = dist.std.float()
+        return mean, std
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+        """Raw latents (B, C, h, w) -> images (B, 3, H, W), nominally in [-1, 1] (not clamped), float32."""
+        z = latents.to(self.device, torch.float32)
+        if self.vae is None:
+            return z.clone()
+        model, dtype = self._model(precision)
+        with self._no_autocast():
+            return model.decode(z.to(dtype)).sample.float()
+
+    def validate_precision(self, precision: str, images: torch.Tensor, rtol: float = 0.02) -> dict:
+        """Allow ``bf16``/``fp16`` only if it matches fp32 on ``images`` (no NaN/Inf, small error).
+
+        The error is ``max|mean_low - mean_fp32| / std(mean_fp32)``; raises :class:`EncodeError` when
+        it exceeds ``rtol`` or anything is non-finite.  Returns the measured numbers.
+        """
+        if precision not in PRECISIONS:
+            raise EncodeError(f"--vae-precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if precision == "fp32" or self.vae is None:
+            self.precision = "fp32"
+            return {"precision": "fp32", "max_rel_error": 0.0}
+        import copy
+
+        low = copy.deepcopy(self.vae).to(self.device)
+        low.to(PRECISIONS[precision])
+        ref_m, ref_s = self.encode(images, precision="fp32")
+        with torch.inference_mode(), self._no_autocast():
+            d = low.encode(images.to(self.device, PRECISIONS[precision])).latent_dist
+            m, s = d.mean.float(), d.std.float()
+        finite = bool(torch.isfinite(m).all() and torch.isfinite(s).all())
+        err = float((m - ref_m).abs().max() / ref_m.std().clamp_min(1e-12)) if finite else math.inf
+        if not finite or err > rtol:
+            raise EncodeError(
+                f"--vae-precision {precision}: the VAE is not accurate in {precision} on this data "
+                f"(finite={finite}, max error {err:.3g} x latent std > {rtol}); use --vae-precision fp32"
+            )
+        self._low = low
+        self.precision = precision
+        return {"precision": precision, "max_rel_error": err}
+
+
+def load_autoencoder(spec: str = DEFAULT_VAE, **kw) -> Autoencoder:
+    """Shorthand for :meth:`Autoencoder.load`."""
+    return Autoencoder.load(spec, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalization
+
+
+def _floats(name: str, values) -> tuple[float, ...]:
+    if torch.is_tensor(values):
+        values = values.detach().cpu().double().flatten().tolist()
+    out = tuple(float(v) for v in values)
+    if not out or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"Normalization.{name} must be a non-empty list of finite numbers, got {values!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel affine map raw latent -> model space: ``model = (raw - shift) * scale``.
+
+    ``raw = model / scale + shift`` is its exact inverse (apply it before ``Autoencoder.decode``).
+    ``kind`` names the recipe (``sd``, ``channel`` or ``identity``); ``target_std`` is the std the
+    recipe aims for in model space (used by the load-time check of trap T2).
+    """
+
+    kind: str
+    shift: tuple[float, ...]
+    scale: tuple[float, ...]
+    target_std: float = 1.0
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "shift", _floats("shift", self.shift))
+        object.__setattr__(self, "scale", _floats("scale", self.scale))
+        if len(self.shift) != len(self.scale):
+            raise ValueError(f"Normalization: shift has {len(self.shift)} channels but scale has {len(self.scale)}")
+        if any(s == 0 for s in self.scale):
+            raise ValueError(f"Normalization: every scale must be non-zero, got {self.scale}")
+        if not (math.isfinite(self.target_std) and self.target_std > 0):
+            raise ValueError(f"Normalization.target_std must be > 0, got {self.target_std}")
+
+    @property
+    def channels(self) -> int:
+        return len(self.scale)
+
+    def _params(self, x: torch.Tensor):
+        c = x.shape[-3] if x.ndim >= 3 else None
+        if c != self.channels:
+            raise ValueError(
+                f"Normalization has {self.channels} channels but the tensor has shape {tuple(x.shape)} "
+                "(channels are dimension -3)"
+            )
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        shift = torch.tensor(self.shift, dtype=torch.float64).to(x.device, dtype).view(-1, 1, 1)
+        scale = torch.tensor(self.scale, dtype=torch.float64).to(x.device, dtype).view(-1, 1, 1)
+        return shift, scale
+
+    def to_model(self, raw: torch.Tensor) -> torch.Tensor:
+        shift, scale = self._params(raw)
+        return (raw - shift) * scale
+
+    def to_raw(self, model: torch.Tensor) -> torch.Tensor:
+        shift, scale = self._params(model)
+        return model / scale + shift
+
+    # constructors -----------------------------------------------------------------------------
+    @classmethod
+    def identity(cls, channels: int) -> "Normalization":
+        return cls("identity", (0.0,) * channels, (1.0,) * channels, 1.0)
+
+    @classmethod
+    def sd(cls, vae: "Autoencoder | dict | str", channels: int | None = None) -> "Normalization":
+        """``(shift_factor or 0, scaling_factor)`` from the VAE (an Autoencoder, its description, or "none").
+
+        Pixel space gives the identity (kind ``sd`` with shift 0, scale 1).  Beware: AutoencoderKL
+        reports 0.18215 for *any* VAE whose config does not set it; use :meth:`channel` for non-SD VAEs.
+        """
+        desc = vae.description() if isinstance(vae, Autoencoder) else vae
+        if desc == "none" or (isinstance(desc, dict) and desc.get("kind") == "none"):
+            c = 3 if channels is None else channels
+            return cls("sd", (0.0,) * c, (1.0,) * c, 1.0, {"vae": "none"})
+        if not isinstance(desc, dict) or "scaling_factor" not in desc:
+            raise ValueError(f"Normalization.sd needs a VAE description with scaling_factor, got {desc!r}")
+        c = int(desc.get("latent_channels") or channels)
+        shift = desc.get("shift_factor") or 0.0
+        return cls("sd", (float(shift),) * c, (float(desc["scaling_factor"]),) * c, 1.0,
+                   {"vae": desc.get("id"), "scaling_factor": desc["scaling_factor"], "shift_factor": desc.get("shift_factor")})
+
+    @classmethod
+    def channel(cls, stats, sigma_target: float = 0.5, *, std_field: str = "std") -> "Normalization":
+        """EDM2 style: ``shift = mean_c``, ``scale = sigma_target / std_c`` from the dataset statistics.
+
+        ``stats`` is a :class:`latentdiff.data.stats.DatasetStats`, the ``stats.json`` dict, or a
+        dataset directory.  ``std_field`` = ``"std"`` (sampled latents, default) or ``"std_mean_only"``.
+        """
+        if isinstance(stats, (str, Path)):
+            from .data.stats import DatasetStats
+
+            stats = DatasetStats.load(stats)
+        d = stats.to_json() if hasattr(stats, "to_json") else stats
+        if std_field not in ("std", "std_mean_only"):
+            raise ValueError(f"std_field must be 'std' or 'std_mean_only', got {std_field!r}")
+        mean = _floats("shift", d["mean"])
+        std = _floats("scale", d[std_field])
+        if any(s <= 0 for s in std):
+            raise ValueError(f"stats field {std_field!r} has a non-positive channel std {std}; cannot normalize")
+        return cls("channel", mean, tuple(sigma_target / s for s in std), float(sigma_target),
+                   {"std_field": std_field, "n": d.get("n"), "shards_hash": d.get("shards_hash")})
+
+    # (de)serialization ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "shift": list(self.shift), "scale": list(self.scale),
+                "target_std": self.target_std, "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalization":
+        missing = [k for k in ("kind", "shift", "scale") if k not in d]
+        if missing:
+            raise ValueError(f"normalization record lacks {missing}; expected kind/shift/scale (see Normalization.to_dict)")
+        return cls(str(d["kind"]), d["shift"], d["scale"], float(d.get("target_std", 1.0)), dict(d.get("meta") or {}))
+
+    def normalized_moments(self, mean: Sequence[float], std: Sequence[float]) -> tuple[list[float], list[float]]:
+        """Per-channel (mean, std) in model space of data with raw per-channel ``mean``/``std``."""
+        m = [(float(mu) - s) * k for mu, s, k in zip(mean, self.shift, self.scale)]
+        sd = [float(sg) * abs(k) for sg, k in zip(std, self.scale)]
+        return m, sd
