@@ -18,3 +18,17 @@ def photo_crops32():
     from latentdiff.data.photos import random_crops
 
     return random_crops(256, 32, seed=0)[0].double()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A real encoded dataset: 72 skimage crops (3 classes) through a tiny random AutoencoderKL, 9 shards."""
+    from latentdiff.data.encode import EncodeConfig, encode_dataset
+    from latentdiff.data.synthetic import make_tiny_vae, write_image_folder
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    vae = make_tiny_vae(root / "vae")
+    write_image_folder(root / "images", classes=3, per_class=24, size_range=(40, 80), seed=0)
+    encode_dataset(EncodeConfig(inputs=[str(root / "images")], output=str(root / "data"), resolution=32, vae=str(vae),
+                                shard_size=8, batch_size=16, workers=0, progress=False))
+    return root / "data"

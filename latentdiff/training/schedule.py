@@ -92,7 +92,10 @@ def resolve_schedule(cfg, dataset_dir: str | Path | None = None) -> dict:
         dist = wsnr_aligned(base, ref_stats.rgb64_power, target, include_dc=cfg.wsnr_include_dc)
         k_ref = float(wsnr_constant(ref_stats.rgb64_power, include_dc=cfg.wsnr_include_dc))
         k_tgt = float(wsnr_constant(target, include_dc=cfg.wsnr_include_dc))
+        k_ref0 = float(wsnr_constant(ref_stats.rgb64_power, include_dc=False))
+        k_tgt0 = float(wsnr_constant(target, include_dc=False))
         out["wsnr"] = {
+            "sigma_factor_dc_free": math.sqrt(k_tgt0 / k_ref0),
             "reference": str(ref_root),
             "include_dc": cfg.wsnr_include_dc,
             "k_reference": k_ref,

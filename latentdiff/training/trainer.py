@@ -140,6 +140,11 @@ class Trainer:
             dist_init_required=not dist.is_initialized(),
         )
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.loss_scaler = getattr(self.optimizer, "loss_scaler", None)
+        if self.precision == "fp16" and self.loss_scaler is not None:
+            # DeepSpeed raises a bare Exception at the first overflow at the minimum scale; we count the
+            # skipped steps there ourselves and stop with a clear TrainError (see _check_loss_scale)
+            self.loss_scaler.raise_error_at_min_scale = False
         self.ema = EMA(self.engine.module, cfg.ema_rates)
 
         # state ------------------------------------------------------------------------------------
@@ -274,7 +279,8 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps({"config": self.resolved, "schedule": self.schedule,
                                                                   "ds_config": self.ds_config}, indent=1))
             self.log(self.describe())
-        tb = TBWriter(self.run_dir / "tb", self.is_main, purge_step=self.step if self.step else None)
+        # events after the checkpoint (step + 1 onwards) from a killed run are dropped
+        tb = TBWriter(self.run_dir / "tb", self.is_main, purge_step=self.step + 1 if self.step else None)
         if self.step == 0 and self.is_main:
             tb.text("config", "```\n" + json.dumps({"config": self.resolved, "schedule": self.schedule}, indent=1) + "\n```", 0)
         heldout = self._heldout_batch() if cfg.heldout_batch else None
@@ -338,7 +344,18 @@ class Trainer:
             f"training sigma {s['sigma_dist']}, sigma_max (data, alpha {s['sigma_max_rule']['alpha']}) {s['sigma_max']:.3f}",
         ]
         if "wsnr" in s:
-            lines.append(f"WSNR alignment: sigma x {s['wsnr']['sigma_factor']:.4f} (P_mean shift {s['wsnr']['p_mean_shift']:+.4f})")
+            w = s["wsnr"]
+            lines.append(f"WSNR alignment (DC {'included' if w['include_dc'] else 'excluded'}): sigma x "
+                         f"{w['sigma_factor']:.4f} (P_mean shift {w['p_mean_shift']:+.4f}); DC-free variant: "
+                         f"x {w['sigma_factor_dc_free']:.4f}")
+            if abs(w["p_mean_shift"]) > 1.5:
+                lines.append(
+                    "warning: the WSNR alignment moves P_mean by more than 1.5 (a factor "
+                    f"{w['sigma_factor']:.3g} in sigma). Eq. 2 includes the zero frequency, which holds the squared "
+                    "data mean; with normalization=channel the latents have zero mean while the RGB reference does "
+                    "not, so the DC bin dominates the comparison. Check that this is intended; "
+                    "--wsnr-include-dc false uses the DC-free WSNR."
+                )
         return "\n".join(lines)
 
     def _agree_stop(self) -> bool:
@@ -352,8 +369,7 @@ class Trainer:
     def _check_loss_scale(self) -> None:
         if self.precision != "fp16":
             return
-        opt = self.optimizer
-        scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
+        scale = self._loss_scale()
         min_scale = self.ds_config.get("fp16", {}).get("min_loss_scale", 1)
         skipped = not self.engine.was_step_applied()
         self.min_scale_streak = self.min_scale_streak + 1 if (skipped and scale is not None and scale <= min_scale) else 0
@@ -362,6 +378,12 @@ class Trainer:
                 f"fp16 loss scale stuck at its minimum {min_scale} for {self.min_scale_streak} skipped steps "
                 f"(step {self.step}): the loss overflows; lower lr, use bf16 (--precision bf16) or fp32"
             )
+
+    def _loss_scale(self):
+        if self.loss_scaler is not None and hasattr(self.loss_scaler, "cur_scale"):
+            return float(self.loss_scaler.cur_scale)
+        v = getattr(self.optimizer, "cur_scale", None)
+        return None if v is None else float(v)
 
     def _log(self, tb: TBWriter, metrics: StepMetrics, window_s: float, images: int, step_s: float) -> dict:
         buf = metrics.packed().to(self.device)
@@ -386,7 +408,7 @@ class Trainer:
                 tb.scalar("grad_norm", gn, s)
                 out["grad_norm"] = gn
             if self.precision == "fp16":
-                tb.scalar("fp16/loss_scale", getattr(self.optimizer, "cur_scale", float("nan")), s)
+                tb.scalar("fp16/loss_scale", self._loss_scale(), s)
                 tb.scalar("fp16/skipped_steps", self.engine.skipped_steps, s)
             tb.scalar("perf/images_per_s", images / max(window_s, 1e-9), s)
             tb.scalar("perf/step_time_s", step_s, s)
@@ -451,7 +473,8 @@ class Trainer:
 
         n = self.cfg.sample_count
         labels = (torch.arange(n) % self.num_classes) if self.num_classes > 0 else None
-        z, _ = generate_latents(d, seeds=list(range(n)), shape=self.sample_shape, labels=labels, method="nfe-guided",
+        z, _ = generate_latents(d, seeds=list(range(n)), shape=self.sample_shape, labels=labels,
+                                num_classes=self.num_classes, method="nfe-guided",
                                 nfe=self.cfg.sample_nfe, sigma_min=self.schedule["sigma_min"],
                                 sigma_max=self.schedule["sigma_max"], device=self.device)
         imgs = decode_to_uint8(z, self.norm, self.manifest["vae"], device=self.device)

@@ -1,0 +1,353 @@
+"""The DeepSpeed trainer on CPU (gloo): ZeRO-1/2/3, bitwise resume, faults, EMA, export, tensorboard."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DS = REPO / "ds_configs"
+PROBE = REPO / "tests" / "train_probe.py"
+_port = [29700 + (os.getpid() % 200) * 5]
+
+
+def _next_port():
+    _port[0] += 1
+    return str(_port[0])
+
+
+def _env(extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env.pop("LATENTDIFF_FAULT", None)
+    env.update(extra or {})
+    return env
+
+
+def train_args(dataset, run_dir, *extra, ds="zero2.json"):
+    return ["--config", "tiny-cpu", "--dataset", str(dataset), "--run-dir", str(run_dir), "--heldout-batch", "0",
+            "--deepspeed_config", str(DS / ds), *map(str, extra)]
+
+
+def torchrun(args, nproc=2, env=None, timeout=240, module=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", _next_port()]
+    cmd += ["-m", "latentdiff.train"] if module else []
+    return subprocess.run(cmd + list(args), env=_env(env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def probe(out_json, args, nproc=2, env=None, timeout=240):
+    p = torchrun([str(PROBE), str(out_json), "--", *args], nproc=nproc, env=env, timeout=timeout, module=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return json.loads(Path(out_json).read_text())
+
+
+def fp32_weights(run_dir, step):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(Path(run_dir) / "checkpoints"), tag=f"step_{step:08d}")
+
+
+def ema_weights(run_dir, step):
+    from latentdiff.training.ema import consolidate
+
+    return consolidate(Path(run_dir) / "checkpoints" / f"step_{step:08d}")
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[0]}: max {(a[bad[0]] - b[bad[0]]).abs().max()}"
+
+
+# ----------------------------------------------------------------------------------------------
+# fast, in-process
+
+
+def test_bad_config_fails_before_any_process_group(tiny_dataset, tmp_path, capsys):
+    import torch.distributed as dist
+
+    from latentdiff.train import main
+
+    cases = [
+        (["--lr", "-1"], "lr"),
+        (["--noise", "cosine"], "noise"),
+        (["--global-batch", "100"], "global_batch"),
+        (["--ema-rates", "[1.5]"], "ema_rates"),
+        (["--model", "uvit-xxl"], "model"),
+        (["--micro-batch", "0"], "micro_batch"),
+        (["--label-dropout", "1.5"], "label_dropout"),
+        (["--normalization", "minmax"], "normalization"),
+    ]
+    for extra, field in cases:
+        assert main([*train_args(tiny_dataset, tmp_path / "r"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"- {field}" in err and "invalid training config" in err, err
+        assert not dist.is_initialized() and not (tmp_path / "r").exists()
+    # the same through a real launch: exit code 2 before DeepSpeed or a process group is touched
+    p = subprocess.run([sys.executable, "-m", "latentdiff.train", *train_args(tiny_dataset, tmp_path / "r"), "--lr", "-1"],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "lr: -1.0 must be a positive number" in p.stderr, p.stderr[-2000:]
+    assert "ZeRO" not in p.stdout and not (tmp_path / "r").exists()
+    # unknown fields get a suggestion; a missing dataset names the tool
+    from latentdiff.errors import ConfigError
+    from latentdiff.training.config import load_config
+
+    with pytest.raises(ConfigError, match="did you mean lr"):
+        load_config("tiny-cpu", {"lrr": 1})
+    with pytest.raises(ConfigError, match="encode_latents"):
+        load_config("tiny-cpu", {"dataset": str(tmp_path / "nope")}).validate()
+
+
+def test_batch_arithmetic_message():
+    from latentdiff.errors import ConfigError
+    from latentdiff.training.config import TrainConfig
+
+    cfg = TrainConfig(dataset="", micro_batch=8, grad_accum=2, global_batch=64)
+    with pytest.raises(ConfigError) as e:
+        cfg.validate(world_size=2)
+    assert "64 != micro_batch 8 x grad_accum 2 x world size 2 = 32" in str(e.value)
+    assert "grad_accum = 4" in str(e.value)
+
+
+def test_wsnr_aligned_schedule_equals_analytic_shift(tiny_dataset):
+    from latentdiff.autoencoder import Normalization
+    from latentdiff.data.stats import DatasetStats
+    from latentdiff.training.config import TrainConfig
+    from latentdiff.training.schedule import resolve_schedule
+
+    st = DatasetStats.load(tiny_dataset)
+    for norm, dc in (("channel", True), ("sd", True), ("channel", False)):
+        cfg = TrainConfig(dataset=str(tiny_dataset), normalization=norm, wsnr_include_dc=dc)
+        s = resolve_schedule(cfg)
+        n = Normalization.from_dict(s["normalization"])
+        # model-space sampled latents, brute force: spectrum of (m + s*eps - shift) * scale, Monte Carlo-free:
+        # E|F((z - a) k)|^2 = k^2 (|F(m - a)|^2 + mean s^2) per image, exact via the stored sums
+        shift = torch.tensor(n.shift, dtype=torch.float64).view(-1, 1, 1)
+        scale = torch.tensor(n.scale, dtype=torch.float64).view(-1, 1, 1)
+        means, var = _load_all(tiny_dataset)
+        f = torch.fft.fft2((means - shift) * scale, norm="ortho")
+        p = (f.real**2 + f.imag**2).mean(0) + (scale.square() * var.view(-1, 1, 1))
+        q = st.rgb64_power.clone()
+        if not dc:
+            p[:, 0, 0] = 0
+            q[:, 0, 0] = 0
+        k_t = sum(float((p[c] ** 2).sum() / p[c].sum()) for c in range(p.shape[0]))
+        k_r = sum(float((q[c] ** 2).sum() / q[c].sum()) for c in range(3))
+        assert s["sigma_dist"]["kind"] == "lognormal" and s["sigma_dist"]["p_std"] == 1.2
+        assert math.isclose(s["sigma_dist"]["p_mean"], -1.2 + 0.5 * math.log(k_t / k_r), rel_tol=1e-9, abs_tol=1e-9)
+        # sigma_data = RMS of the model-space latents; sigma_max = sqrt(mu_d + 2 sigma_d) of model-space means
+        flat = ((means - shift) * scale).reshape(means.shape[0], -1)
+        d2 = torch.cdist(flat, flat).square().sum(1) / (flat.shape[0] - 1)
+        assert math.isclose(s["sigma_max"], math.sqrt(d2.mean() + 2 * d2.std(unbiased=False)), rel_tol=1e-6)
+
+
+def _load_all(root):
+    """Every posterior mean in the dataset (float64) and the per-channel E[std^2], straight from the tars."""
+    from latentdiff.data.reader import LatentShardDataset
+
+    ds = LatentShardDataset(root, 1, rank=0, world_size=1, num_workers=0, shuffle=False, verify="none")
+    ms, vs = [], []
+    for mean, std, _, _ in _all_batches(ds):
+        ms.append(mean.double())
+        vs.append(std.double().square())
+    m, v = torch.cat(ms), torch.cat(vs)
+    return m, v.mean(dim=(0, 2, 3))
+
+
+def _all_batches(ds):
+    e = 0
+    ds.set_epoch(0)
+    yield from ds
+
+
+def test_step_seeds_differ_per_rank_and_repeat():
+    from latentdiff.training.trainer import step_seed
+
+    seeds = {step_seed(0, s, m, r) for s in range(50) for m in range(2) for r in range(4)}
+    assert len(seeds) == 400
+    assert step_seed(3, 7, 1, 2) == step_seed(3, 7, 1, 2) != step_seed(4, 7, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-process (torchrun, gloo)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero1.json", "zero2.json", "zero3.json"])
+def test_zero_stage_trains_saves_resumes_and_exports(tiny_dataset, tmp_path, stage):
+    run = tmp_path / "run"
+    emas = "[0.0, 0.9]"
+    r1 = probe(tmp_path / "a.json", train_args(tiny_dataset, run, "--max-steps", 4, "--checkpoint-every", 2,
+                                                 "--ema-rates", emas, "--label-dropout", 0.5, ds=stage))
+    assert r1["step"] == 4 and r1["zero_stage"] == int(stage[4])
+    # export equals the live engine; the EMA with rate 0 equals the model (gathered under ZeRO-3)
+    assert r1["export_vs_engine"] <= 1e-5 * max(1.0, r1["live_scale"]), r1
+    assert r1["ema0_vs_engine"] is not None and r1["ema0_vs_engine"] <= 1e-5 * max(1.0, r1["live_scale"]), r1
+    # per-rank draws differ (sigma, noise, data, label dropout) ...
+    d0, d1 = r1["draws"]
+    assert len(d0) == len(d1) == 4
+    for a, b in zip(d0, d1):
+        assert a["sigma"] != b["sigma"] and a["noise0"] != b["noise0"] and a["y0"] != b["y0"]
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000002", "step_00000004"]
+    # ... and resuming to step 6 works (continues from the latest checkpoint)
+    r2 = probe(tmp_path / "b.json", train_args(tiny_dataset, run, "--max-steps", 6, "--checkpoint-every", 2,
+                                                 "--ema-rates", emas, "--label-dropout", 0.5, ds=stage))
+    assert r2["step"] == 6 and len(r2["draws"][0]) == 2  # only steps 4 and 5 were trained
+    # a repeated run from scratch draws exactly the same numbers
+    r3 = probe(tmp_path / "c.json", train_args(tiny_dataset, tmp_path / "run3", "--max-steps", 4, "--checkpoint-every", 2,
+                                                 "--ema-rates", emas, "--label-dropout", 0.5, ds=stage))
+    assert r3["draws"] == r1["draws"]
+
+
+@pytest.mark.slow
+def test_bitwise_resume_after_kill9(tiny_dataset, tmp_path):
+    """2N steps uninterrupted == N steps + kill -9 (after the checkpoint at N) + resume + N steps."""
+    n = 5
+    common = ["--max-steps", 2 * n, "--checkpoint-every", n, "--ema-rates", "[0.9, 0.999]", "--grad-accum", 2,
+              "--warmup-images", 64, "--num-workers", 2, "--log-every", 1]
+    a, b = tmp_path / "a", tmp_path / "b"
+    p = torchrun(train_args(tiny_dataset, a, *common))
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun(train_args(tiny_dataset, b, *common), env={"LATENTDIFF_FAULT": f"kill-after-save:{n}"})
+    assert p.returncode != 0 and (b / "checkpoints" / f"step_{n:08d}").is_dir()
+    assert not (b / "checkpoints" / f"step_{2 * n:08d}").exists()
+    p = torchrun(train_args(tiny_dataset, b, *common))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resumed from {b / 'checkpoints' / f'step_{n:08d}'}" in p.stdout
+    assert_same(fp32_weights(a, 2 * n), fp32_weights(b, 2 * n))
+    ea, eb = ema_weights(a, 2 * n), ema_weights(b, 2 * n)
+    for rate in ea:
+        assert_same(ea[rate], eb[rate])
+    # optimizer moments too (the next step would differ otherwise): compare the raw optimizer files
+    for f in sorted((a / "checkpoints" / f"step_{2 * n:08d}").glob("*optim_states.pt")):
+        sa = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        sb = torch.load(b / "checkpoints" / f"step_{2 * n:08d}" / f.name, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for key in ("state", "base_optimizer_state"):
+            if key in sa:
+                _deep_equal(sa[key], sb[key])
+    # tensorboard: the resumed run continues the curve without duplicates (purge_step)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = {}
+    for run in (a, b):
+        ea_ = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+        ea_.Reload()
+        steps[run] = [(e.step, e.value) for e in ea_.Scalars("loss/train")]
+        assert "lr" in ea_.Tags()["scalars"] and "sigma" in ea_.Tags()["histograms"]
+        assert any(t.startswith("loss_per_sigma/") for t in ea_.Tags()["scalars"])
+    assert [s for s, _ in steps[b]] == list(range(1, 2 * n + 1))
+    assert steps[a] == steps[b]
+
+
+def _deep_equal(a, b):
+    if torch.is_tensor(a):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _deep_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _deep_equal(x, y)
+    else:
+        assert a == b
+
+
+@pytest.mark.slow
+def test_kill9_of_one_rank_ends_the_job_and_the_next_run_resumes(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(tiny_dataset, run, "--max-steps", 8, "--checkpoint-every", 2, "--comm-timeout-minutes", 2)
+    t = time.time()
+    p = torchrun(args, env={"LATENTDIFF_FAULT": "kill-rank:1:5"}, timeout=200)
+    assert p.returncode != 0
+    assert time.time() - t < 150, "the job did not end promptly after a rank died"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    p = torchrun(args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "step 4" in p.stdout
+    assert (run / "checkpoints" / "step_00000008" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+def test_crash_in_the_middle_of_a_save_leaves_a_loadable_latest(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(tiny_dataset, run, "--max-steps", 6, "--checkpoint-every", 2)
+    p = torchrun(args, env={"LATENTDIFF_FAULT": "kill-mid-save:4"})
+    assert p.returncode != 0
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000002"
+    assert list(ck.glob(".tmp-step_00000004")) and not (ck / "step_00000004").exists()
+    p = torchrun(args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "step 2 " in p.stdout
+    assert not list(ck.glob(".tmp-*"))
+    # retention: keep_last 2 of the tiny-cpu preset
+    assert sorted(x.name for x in ck.glob("step_*")) == ["step_00000004", "step_00000006"]
+
+
+@pytest.mark.slow
+def test_sigterm_makes_every_rank_save_and_exit_zero(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _next_port(),
+           "-m", "latentdiff.train", *train_args(tiny_dataset, run, "--max-steps", 100000, "--checkpoint-every", 100000)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    # wait until training runs (a tensorboard event file exists and some steps passed)
+    while time.time() < deadline and not list((run / "tb").glob("events*")):
+        time.sleep(0.5)
+    time.sleep(3)
+    # SLURM sends the signal to the job's processes: here every rank of the job (not the launcher)
+    import psutil
+
+    children = psutil.Process(proc.pid).children(recursive=True)
+    ranks = [c for c in children if "latentdiff.train" in " ".join(c.cmdline())]
+    assert len(ranks) == 2
+    ranks[0].send_signal(signal.SIGUSR1)  # one rank is enough: the flag is all-reduced
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested" in out
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((run / "checkpoints" / latest / "trainer_state.json").read_text())
+    assert state["step"] > 0 and state["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_config(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    p = torchrun(train_args(tiny_dataset, run, "--max-steps", 2, "--checkpoint-every", 2), nproc=1)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun(train_args(tiny_dataset, run, "--max-steps", 4, "--lr", 0.5), nproc=1)
+    assert p.returncode != 0  # the rank exits 2; torchrun reports a failure
+    assert "refusing to resume" in p.stderr and "lr: 0.001 (checkpoint) -> 0.5 (now)" in p.stderr
+    # safe fields may change; --force-resume accepts the rest
+    p = torchrun(train_args(tiny_dataset, run, "--max-steps", 4, "--lr", 0.5, "--force-resume", "true"), nproc=1)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_bf16_ema_moves_and_fp16_stops_on_collapsed_scale(tiny_dataset, tmp_path):
+    run = tmp_path / "bf16"
+    p = torchrun(train_args(tiny_dataset, run, "--max-steps", 2, "--checkpoint-every", 1, "--keep-last", 5,
+                            "--precision", "bf16", "--ema-rates", "[0.5]"), nproc=1)
+    assert p.returncode == 0, p.stderr[-3000:]
+    e1, e2 = ema_weights(run, 1)[0.5], ema_weights(run, 2)[0.5]
+    assert all(v.dtype == torch.float32 for v in e2.values())
+    assert any(not torch.equal(e1[k], e2[k]) for k in e1), "the EMA did not move in bf16 training"
+    # fp16 with a minimum loss scale that always overflows: every step is skipped at the minimum
+    ds = json.loads((DS / "zero2_fp16.json").read_text())
+    ds["fp16"].update({"initial_scale_power": 40, "min_loss_scale": 2.0**40})
+    cfg = tmp_path / "fp16.json"
+    cfg.write_text(json.dumps(ds))
+    args = train_args(tiny_dataset, tmp_path / "fp16", "--max-steps", 50, "--fp16-max-min-scale-steps", 3)
+    args[args.index("--deepspeed_config") + 1] = str(cfg)
+    p = torchrun(args, nproc=1)
+    assert p.returncode != 0
+    assert "fp16 loss scale stuck at its minimum" in p.stderr
