@@ -152,6 +152,7 @@ class Trainer:
         self.images_seen = 0
         self.epoch, self.batch_in_epoch = 0, 0
         self.min_scale_streak = 0
+        self.step_times: list[float] = []  # wall time of every optimizer step of this invocation (benchmarks)
         self.data = LatentShardDataset(
             cfg.dataset, cfg.micro_batch, rank=self.rank, world_size=self.world, num_workers=cfg.num_workers,
             seed=cfg.seed, shuffle=True, shuffle_buffer=cfg.shuffle_buffer, verify=cfg.verify_shards,
@@ -319,6 +320,7 @@ class Trainer:
                 self._log_heldout(tb, heldout)
             if cfg.sample_every and self.step % cfg.sample_every == 0:
                 self._log_samples(tb)
+            self.step_times.append(time.time() - t0)
             bar.update(1)
             if last and self.is_main:
                 bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
