@@ -8,6 +8,7 @@ STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: install test test-fast quickstart bench clean
+VAE ?= none
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +25,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+quickstart: $(STAMP)
+	$(BIN)/python tools/quickstart.py --vae $(VAE) --out quickstart
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench/sampler_accuracy.py --out bench_out/sampler_accuracy

@@ -413,7 +413,8 @@ class Normalization:
         desc = vae.description() if isinstance(vae, Autoencoder) else vae
         if desc == "none" or (isinstance(desc, dict) and desc.get("kind") == "none"):
             c = 3 if channels is None else channels
-            return cls("sd", (0.0,) * c, (1.0,) * c, 1.0, {"vae": "none"})
+            # pixels in [-1, 1]: identity; EDM's sigma_data = 0.5 is the expected std (edm.txt Table 1)
+            return cls("sd", (0.0,) * c, (1.0,) * c, 0.5, {"vae": "none"})
         if not isinstance(desc, dict) or "scaling_factor" not in desc:
             raise ValueError(f"Normalization.sd needs a VAE description with scaling_factor, got {desc!r}")
         c = int(desc.get("latent_channels") or channels)
