@@ -113,7 +113,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
         "vae": state["dataset"]["vae"],
         "dataset": state["dataset"],
         "num_classes": state["num_classes"],
-        "null_label": state["num_classes"] if state["num_classes"] > 0 else None,
+        "null_label": state.get("null_label", state["model_config"].get("null_label")) if state["num_classes"] > 0 else None,
         "label_dropout": state["config"]["label_dropout"],
         "weights": weights,
         "train_config": state["config"],

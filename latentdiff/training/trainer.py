@@ -126,6 +126,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
         net = models.build(cfg.model, in_channels=c, resolution=h, num_classes=self.num_classes, **cfg.model_overrides)
         self.model_config = dict(net.config)
+        self.null_label = net.null_label if self.num_classes > 0 else None  # the model's null class (CFG)
         denoiser = EDMPrecond(net, sigma_data=self.schedule["sigma_data"])
         self.ds_config = build_ds_config(cfg, ds_config, self.world)
         self.precision = _precision(self.ds_config)
@@ -177,6 +178,7 @@ class Trainer:
             "precond": self.engine.module.to_dict(),
             "schedule": self.schedule,
             "num_classes": self.num_classes,
+            "null_label": self.null_label,
             "dataset": {
                 "path": str(Path(self.cfg.dataset).resolve()),
                 "vae": self.manifest["vae"],
@@ -257,8 +259,8 @@ class Trainer:
         y = self.norm.to_model(z)
         if self.num_classes > 0:
             labels = labels.to(self.device)
-            labels = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
-            labels = drop_labels(labels, self.cfg.label_dropout, self.num_classes, g)
+            labels = torch.where(labels < 0, torch.full_like(labels, self.null_label), labels)
+            labels = drop_labels(labels, self.cfg.label_dropout, self.null_label, g)
         else:
             labels = None
         return y, labels
@@ -429,7 +431,7 @@ class Trainer:
         lab = None
         if self.num_classes > 0:
             labels = labels.to(self.device)
-            lab = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
+            lab = torch.where(labels < 0, torch.full_like(labels, self.null_label), labels)
         sigma = self.sigma_dist.sample(y.shape[0], g, self.device)
         noise = torch.randn(y.shape, generator=g, device=self.device)
         return y, lab, sigma, noise
