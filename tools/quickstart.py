@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--vae", default="none", help="none (pixel space), a hub id or a local AutoencoderKL directory")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--per-class", type=int, default=60, help="crops per photo (14 photos)")
-    p.add_argument("--images", type=int, default=200_000, help="training duration in images")
+    p.add_argument("--images", type=int, default=32_000, help="training duration in images (~1000 steps of 2 x 16)")
     p.add_argument("--nproc", type=int, default=2, help="local ranks (DeepSpeed ZeRO-2)")
     p.add_argument("--nfe", type=int, default=35)
     p.add_argument("--samples", type=int, default=64)
