@@ -1370,5 +1370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ldist.destroy()
 
 
+def cli() -> None:
+    """Console-script entry point: ``main`` then a hard exit (see ``latentdiff.dist.hard_exit``)."""
+    from .dist import hard_exit
+
+    hard_exit(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -47,6 +47,8 @@ def _read_ds_config(path):
 
 
 def main(argv=None) -> int:
+    from .training.trainer import install_signal_handlers
+
     args = parse_args(argv)
     world = ldist.env_world_size()
     try:
@@ -57,11 +59,11 @@ def main(argv=None) -> int:
         return 2
     from .training.trainer import Trainer
 
+    install_signal_handlers()  # before the (slow) setup, so a preemption signal is never lost
     trainer = None
     try:
         ldist.init_distributed(cfg.comm_timeout_minutes, single_process_group=True)
         trainer = Trainer(cfg, ds_config, log=lambda m: print(m, flush=True) if ldist.is_main() else None)
-        trainer.install_signal_handlers()
         result = trainer.train()
         if result["finished"] and ldist.is_main():
             from .export import export_checkpoint
@@ -79,5 +81,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> None:
+    """Console-script entry point: ``main`` then a hard exit (see ``latentdiff.dist.hard_exit``)."""
+    ldist.hard_exit(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

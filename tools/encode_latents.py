@@ -75,4 +75,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from latentdiff.dist import hard_exit
+
+    hard_exit(main())

@@ -71,6 +71,23 @@ def build_ds_config(cfg: TrainConfig, base: dict | None, world_size: int) -> dic
     return ds
 
 
+SCHEDULE_KEYS = ("normalization", "sigma_data", "sigma_dist", "sigma_min", "sigma_max", "noise")
+
+
+def schedule_diff(old: dict, new: dict) -> list[str]:
+    """What changed in the values the training depends on (extra diagnostic keys are ignored)."""
+    out = []
+    for k in SCHEDULE_KEYS:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, float) and isinstance(b, float):
+            same = math.isclose(a, b, rel_tol=1e-9)
+        else:
+            same = a == b
+        if not same:
+            out.append(f"schedule.{k}: {json.dumps(a)} (checkpoint) -> {json.dumps(b)} (now; derived from the dataset stats)")
+    return out
+
+
 def _precision(ds: dict) -> str:
     if ds.get("bf16", {}).get("enabled"):
         return "bf16"
@@ -92,6 +109,20 @@ def _fault(kind: str, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if parts[0] == kind == "kill-mid-save" and int(parts[1]) == step and rank == 0:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_STOP = {"requested": False}
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM/SIGUSR1 (SLURM preemption) set a flag; every rank checks the all-reduced flag each step,
+    then all save and exit 0.  Installed at the very start of ``main`` so no signal is lost during setup."""
+
+    def handler(signum, frame):
+        _STOP["requested"] = True
+
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, handler)
 
 
 class Trainer:
@@ -215,9 +246,7 @@ class Trainer:
                 f"resume on the same number of ranks (use DeepSpeed's universal checkpoint to change it)"
             )
         diff = config_diff(st["config"], self.resolved)
-        if st["schedule"] != self.schedule:
-            diff.append("schedule (normalization / sigma_data / sigma distribution / sigma_max derived from the "
-                        "dataset stats) differs from the checkpoint's")
+        diff += schedule_diff(st["schedule"], self.schedule)
         if diff and not cfg.force_resume:
             raise TrainError(
                 f"refusing to resume {ckpt}: the config changed in ways that matter:\n  " + "\n  ".join(diff)
@@ -267,11 +296,7 @@ class Trainer:
 
     # signals ------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            self.stop_requested = True
-
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, handler)
+        install_signal_handlers()
 
     # the loop -----------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -363,6 +388,7 @@ class Trainer:
         return "\n".join(lines)
 
     def _agree_stop(self) -> bool:
+        self.stop_requested = self.stop_requested or _STOP["requested"]
         if not (dist.is_available() and dist.is_initialized()) or self.world == 1:
             return self.stop_requested
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
