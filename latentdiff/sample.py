@@ -14,7 +14,10 @@ Determinism
   bitwise identical for any number of ranks, any order or split of the seeds and any resume pattern.
   Changing ``--batch`` changes the forward shape; the images stay identical only where the kernels are
   batch-size invariant (on the CPU builds we test, for batches >= 3; ``sampling.json`` records both
-  sizes, and a resume with other sizes prints a warning).
+  sizes, and a resume with other sizes prints a warning).  On the CPU the intra-op thread count is
+  part of the kernel choice too: ``torchrun`` sets ``OMP_NUM_THREADS=1`` per rank, a plain ``python``
+  run uses every core, and the two can differ in the last bit of a pixel (seen on one CI machine).
+  Compare CPU runs made with the same thread count (``sampling.json`` records ``intra_op_threads``).
 * Seeds are split round-robin over ranks; ``SAMPLES/images/<seed:06d>.png`` that exist and verify are
   skipped (resume).  ``SAMPLES/config.json`` holds everything that determines the pixels; a resume
   with a different export, solver, NFE, sigma range, guidance, ... is refused instead of mixing sets.
@@ -1090,6 +1093,7 @@ def _finish(args, out, seeds, meta, src, record, interval, solver_kw, gathered, 
         "world_size": world,
         "network_batch": net_batch,
         "decode_batch": dec_batch,
+        "intra_op_threads": torch.get_num_threads(),  # CPU: another thread count may sum in another order
         "generated_this_run": generated,
         "seconds": elapsed,
         "images_per_second": generated / elapsed if generated and elapsed > 0 else None,

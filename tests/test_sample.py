@@ -532,19 +532,25 @@ def test_vp_bridge_cli_and_schedule_checks(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_one_vs_two_ranks_identical(real_export, tmp_path):
-    """torchrun with 2 gloo ranks (uneven split: 7 seeds) writes the same PNG bytes and npz as 1 rank."""
-    one = tmp_path / "one"
-    sample_cli(real_export, one, "--seeds", "0-6", "--batch", 3, "--nfe", 7, "--solver", "edm-stochastic", "--s-churn", 5)
-    two = tmp_path / "two"
-    p = _run(["-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", _free_port(), "-m", "latentdiff.sample",
-              "--export", real_export, "--out", two, "--seeds", "0-6", "--batch", 3, "--nfe", 7, "--solver", "edm-stochastic",
-              "--s-churn", 5, "--no-progress"])
-    assert "wrote 7 images" in p.stdout
+    """torchrun with 2 gloo ranks (uneven split: 7 seeds) writes the same PNG bytes and npz as 1 rank.
+
+    Both runs go through torchrun, which sets OMP_NUM_THREADS=1 per rank: on the CPU the intra-op
+    thread count can change a kernel's summation order (a one-rank in-process run with 2 threads
+    differed from the 2-rank run in the last bit of one pixel on a CI machine)."""
+    runs = {}
+    for n in (1, 2):
+        runs[n] = tmp_path / f"world{n}"
+        p = _run(["-m", "torch.distributed.run", "--nproc_per_node", n, "--master_port", _free_port(), "-m",
+                  "latentdiff.sample", "--export", real_export, "--out", runs[n], "--seeds", "0-6", "--batch", 3,
+                  "--nfe", 7, "--solver", "edm-stochastic", "--s-churn", 5, "--no-progress"])
+        assert "wrote 7 images" in p.stdout
+    one, two = runs[1], runs[2]
     assert png_bytes(two) == png_bytes(one) and len(png_bytes(one)) == 7
     a, b = np.load(one / "samples.npz"), np.load(two / "samples.npz")
     assert all(np.array_equal(a[k], b[k]) for k in ("arr_0", "arr_1", "seeds"))
     s1, s2 = (json.loads((d / "sampling.json").read_text()) for d in (one, two))
     assert s2["world_size"] == 2 and s1["nfe_used"] == s2["nfe_used"] and s1["sigma_grid"] == s2["sigma_grid"]
+    assert s1["intra_op_threads"] == s2["intra_op_threads"] == 1
 
 
 # ----------------------------------------------------------------------------------------------
