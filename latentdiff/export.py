@@ -1,6 +1,6 @@
 """Export a training checkpoint as plain safetensors + ``model.json``, loadable without DeepSpeed.
 
-``latentdiff-export RUN [--step S] [--out DIR]`` writes ``RUN/export/step_XXXXXXXX/`` (or DIR):
+``latentdiff-export RUN [--step S] [--out DIR]`` writes ``RUN/export/step_NNNNNNNN/`` (or DIR):
 
 * ``raw.safetensors`` — the consolidated fp32 network weights (DeepSpeed's ``zero_to_fp32`` for
   ZeRO-1/2/3, i.e. the fp32 master weights; the module state for ZeRO-0);
@@ -161,7 +161,7 @@ def load_export(export_dir: str | Path, weights: str = "ema", device="cpu"):
     d = Path(export_dir)
     path = d / "model.json"
     if not path.is_file():
-        raise ExportError(f"{path} not found: pass an export directory (RUN/export/step_XXXXXXXX) made by latentdiff-export")
+        raise ExportError(f"{path} not found: pass an export directory (RUN/export/step_NNNNNNNN) made by latentdiff-export")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="latentdiff-export", description="Export a training checkpoint (no DeepSpeed needed to load it).")
     p.add_argument("run", help="run directory (with checkpoints/) or a checkpoint directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--out", default=None, help="output directory (default RUN/export/step_XXXXXXXX)")
+    p.add_argument("--out", default=None, help="output directory (default RUN/export/step_NNNNNNNN)")
     args = p.parse_args(argv)
     from .training.checkpoint import find_latest, tag_for
 

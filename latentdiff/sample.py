@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from .errors import LatentdiffError, SampleError
+from .solvers import DEFAULT_SAMPLER
 
 __all__ = [
     "generate_latents",
@@ -82,13 +83,7 @@ CONFIG_FORMAT = "latentdiff-sample-config/1"
 _SHAPE_FIELDS = ("network_batch", "decode_batch")
 
 
-def _default_solver() -> str:
-    from .solvers import SAMPLERS
-
-    return "auto" if "auto" in SAMPLERS else "nfe-guided"
-
-
-DEFAULT_SOLVER = _default_solver()
+DEFAULT_SOLVER = DEFAULT_SAMPLER
 # solvers whose noise levels do not depend on the denoiser (one grid for every image); any other
 # solver (``auto``: a grid per image from its data-scale estimate) is treated as adaptive
 FIXED_GRID_SOLVERS = frozenset({"euler", "heun", "midpoint", "ode3", "edm-stochastic", "hybrid", "nfe-guided"})

@@ -578,3 +578,12 @@ def test_sampler_study_and_overhead_tools(real_export, tmp_path):
     assert all(0.5 < r["ratio_cpu"]["median"] < 2.0 for r in res["overhead"])
     assert res["pipeline"]["images"] == 6 and res["pipeline"]["images_per_second_loop"] > 0
     assert "goal <= 1.03" in p.stdout
+    # issue 5, item 3: every solver against a long-run reference on the trained model
+    out = tmp_path / "trained"
+    _run(["tools/bench/sampler_trained.py", "--export", real_export, "--samples", 3, "--ref-steps", 24, "--nfe", 7, 13, 25,
+          "--solvers", "EDM Heun", "DPM-Solver++ 2M", "--float64", "--out", out])
+    res = json.loads((out / "results.json").read_text())
+    heun = res["methods"]["EDM Heun"]
+    assert res["reference"]["rms_vs_half_steps"] < 0.1 * heun["error"][0] and res["setup"]["dtype"] == "float64"
+    assert heun["used"] == [7, 13, 25] and heun["error"][2] < heun["error"][0]  # converges towards the reference
+    assert math.isfinite(heun["order"]) and "| EDM Heun |" in (out / "table.md").read_text()

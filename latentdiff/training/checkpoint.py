@@ -5,7 +5,7 @@ loss scaler), the EMA (``ema*.safetensors``), ``trainer_state.json`` (step, imag
 resolved config, noise schedule) and ``COMPLETE``.  ``RUN/checkpoints/latest`` names the newest
 complete checkpoint.
 
-Atomicity (trap T22): everything is written into ``.tmp-step_XXXXXXXX``; after a barrier rank 0 writes
+Atomicity (trap T22): everything is written into ``.tmp-step_NNNNNNNN``; after a barrier rank 0 writes
 ``COMPLETE``, renames the directory into place and then replaces ``latest`` (write to a temp file +
 ``os.replace``).  A crash at any point leaves ``latest`` pointing at a checkpoint that loads; stale
 ``.tmp-*`` directories are removed by the next save.  Every rank calls :func:`save_checkpoint` and
@@ -83,7 +83,7 @@ def find_latest(root: str | Path) -> Path | None:
 
 def save_checkpoint(engine, root: str | Path, step: int, state: dict, ema=None, *, keep_last: int = 3,
                     keep_every: int = 0, fault_hook=None) -> Path:
-    """Collective save of the engine, the EMA and ``state`` as ``root/step_XXXXXXXX``."""
+    """Collective save of the engine, the EMA and ``state`` as ``root/step_NNNNNNNN``."""
     root = Path(root)
     rank = get_rank()
     world = int(state.get("world_size", 1))

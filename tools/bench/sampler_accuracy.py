@@ -18,6 +18,9 @@ runs the NFE-guided sampler from each.
 
 Usage:  python tools/bench/sampler_accuracy.py [--out DIR] [--num 500] [--resolution 32] ...
 Writes DIR/table.md, DIR/results.json and DIR/sampler_accuracy.png.
+Several datasets and the "auto vs best peer" verdict (DIR/verdict.md), e.g.
+        python tools/bench/sampler_accuracy.py --samples 128 --skip-sigma-max \
+            --datasets photos:32:0 photos:64:0 latentlike:16:0
 """
 from __future__ import annotations
 
@@ -152,7 +155,13 @@ def run(args) -> dict:
           f"rms@sigma_min {check['rms_vs_half_steps']:.2e}, match {check['match_vs_half_steps']:.3f}", flush=True)
 
     results = {}
-    for name, fn in solver_table().items():
+    table = solver_table()
+    if getattr(args, "solvers", None):
+        unknown = [n for n in args.solvers if n not in table]
+        if unknown:
+            raise SystemExit(f"unknown --solvers {unknown}; choose from {list(table)}")
+        table = {n: fn for n, fn in table.items() if n in args.solvers}
+    for name, fn in table.items():
         rows = []
         for nfe in args.nfe:
             rec = LastCall(denoise)
@@ -173,6 +182,8 @@ def run(args) -> dict:
     stats = DistanceStats.from_tensor(data)
     sigma_max_rows = []
     choices = [("EDM", smax)] + [(f"data a={a:g}", data_driven_sigma_max(stats, a)) for a in (1.0, 2.0, 3.0)]
+    if getattr(args, "skip_sigma_max", False):
+        choices = []
     for label, s_max in choices:
         own_x, own_final = reference(denoise, noise, smin, s_max, args.ref_steps)
         own_idx = nearest(own_final, data)
@@ -221,6 +232,8 @@ def markdown(res: dict) -> str:
     for name, rows in res["solvers"].items():
         out.append(f"| {name} | " + " | ".join(str(r["used"]) for r in rows) + " |")
     ds = res["distance_stats"]
+    if not res["sigma_max"]:
+        return "\n".join(out)
     out.append(f"\nData-driven sigma_max (wsnr.txt Eq. 7-8): mu_d = {ds['mu_d']:.1f}, sigma_d = {ds['sigma_d']:.1f}. "
                "NFE-guided sampler; rms/match against the converged solution from the same sigma_max, and match "
                "against the EDM (sigma_max = 80) reference:\n")
@@ -258,6 +271,48 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+PEERS = ("EDM Heun", "NFE-guided", "DPM-Solver++ 2M", "DPM-Solver++ 3M")
+
+
+def verdict(all_res: dict, candidate: str = "auto", peers=PEERS) -> str:
+    """Markdown: the candidate vs the best peer at each NFE on each dataset, both metrics.
+
+    A cell is "win" when the candidate is strictly better, "tie" when equal (rms compared at 3
+    significant digits, match exactly), "LOSS" otherwise; the best peer is named.
+    """
+    lines = [f"\n### {candidate} vs the best of {{{', '.join(peers)}}}\n",
+             "| dataset | NFE | rms@sigma_min: auto / best peer | | match: auto / best peer | |",
+             "|---|---|---|---|---|---|"]
+    short = {"EDM Heun": "Heun", "NFE-guided": "NFE-g", "DPM-Solver++ 2M": "2M", "DPM-Solver++ 3M": "3M"}
+    wins = {"rms": [0, 0, 0], "match": [0, 0, 0]}
+    for label, res in all_res.items():
+        sol = res["solvers"]
+        if candidate not in sol:
+            continue
+        present = [p for p in peers if p in sol]
+        for i, row in enumerate(sol[candidate]):
+            a_rms, a_m = float(f"{row['rms_sigma_min']:.3g}"), row["match"]
+            p_rms = min(present, key=lambda p: sol[p][i]["rms_sigma_min"])
+            p_m = max(present, key=lambda p: sol[p][i]["match"])
+            b_rms, b_m = float(f"{sol[p_rms][i]['rms_sigma_min']:.3g}"), sol[p_m][i]["match"]
+            v_rms = "win" if a_rms < b_rms else ("tie" if a_rms == b_rms else "LOSS")
+            v_m = "win" if a_m > b_m else ("tie" if a_m == b_m else "LOSS")
+            for key, v in (("rms", v_rms), ("match", v_m)):
+                wins[key][("win", "tie", "LOSS").index(v)] += 1
+            lines.append(f"| {label} | {row['nfe']} | {a_rms:.2e} / {b_rms:.2e} ({short.get(p_rms, p_rms)}) | {v_rms} "
+                         f"| {a_m:.3f} / {b_m:.3f} ({short.get(p_m, p_m)}) | {v_m} |")
+    lines.append(f"\nrms: {wins['rms'][0]} wins, {wins['rms'][1]} ties, {wins['rms'][2]} losses; "
+                 f"match: {wins['match'][0]} wins, {wins['match'][1]} ties, {wins['match'][2]} losses.")
+    return "\n".join(lines)
+
+
+def _parse_dataset(spec: str):
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] not in ("photos", "latentlike"):
+        raise SystemExit(f"--datasets entry {spec!r}: use KIND:RESOLUTION:SEED, e.g. photos:32:0 or latentlike:16:0")
+    return parts[0], int(parts[1]), int(parts[2])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_out/sampler_accuracy", help="output directory")
@@ -271,9 +326,34 @@ def main(argv=None):
     p.add_argument("--sigma-min", type=float, default=0.002)
     p.add_argument("--sigma-max", type=float, default=80.0)
     p.add_argument("--ref-steps", type=int, default=512, help="steps of the classical-Ode3 reference")
+    p.add_argument("--datasets", nargs="+", default=None, metavar="KIND:RES:SEED",
+                   help="run several datasets (e.g. photos:32:0 photos:64:0 latentlike:16:0; overrides --data, "
+                        "--resolution, --seed), one subdirectory each, and print the auto-vs-best-peer verdict")
+    p.add_argument("--solvers", nargs="+", default=None, help="only these solvers (names as in the table)")
+    p.add_argument("--skip-sigma-max", action="store_true", help="skip the data-driven sigma_max section")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.datasets:
+        all_res = {}
+        for spec in args.datasets:
+            kind, res_, seed = _parse_dataset(spec)
+            sub = argparse.Namespace(**{**vars(args), "data": kind, "resolution": res_, "seed": seed, "datasets": None})
+            d = out / f"{kind}{res_}_seed{seed}"
+            d.mkdir(parents=True, exist_ok=True)
+            print(f"== {spec}", flush=True)
+            r = run(sub)
+            md = markdown(r)
+            (d / "table.md").write_text(md + "\n")
+            (d / "results.json").write_text(json.dumps(r, indent=1))
+            plot(r, d / "sampler_accuracy.png")
+            print(md, flush=True)
+            all_res[f"{kind} {res_}px seed {seed}"] = r
+        v = verdict(all_res)
+        (out / "verdict.md").write_text(v + "\n")
+        print(v)
+        print(f"\nwrote {out}/*/table.md, results.json, sampler_accuracy.png and {out / 'verdict.md'}")
+        return all_res
     res = run(args)
     md = markdown(res)
     (out / "table.md").write_text(md + "\n")
