@@ -1,10 +1,16 @@
-"""The ``auto`` sampler (issue 5): the most accurate deterministic sampler per network evaluation.
+"""The ``auto`` sampler (issue 5, open): an experimental multistep sampler aimed at accuracy per evaluation.
+
+Status (measured, see README "Samplers"): on the ideal-denoiser benchmark it beats the best of EDM
+Heun / NFE-guided / DPM-Solver++ 2M/3M in most but not all (dataset, NFE) cells, and on a trained
+network (``tools/bench/sampler_trained.py``) DPM-Solver++ 3M is more accurate at NFE 15-51, because
+the grid concentrates the budget where an ideal denoiser decides between training images.  It is
+therefore NOT the default (``solvers.DEFAULT_SAMPLER``).
 
 ``auto_sample(denoise, noise, nfe=...)`` integrates the probability-flow ODE
 dx/dsigma = (x - D(x; sigma)) / sigma (wsnr.txt Eq. 1; edm.txt Eq. 4 with sigma(t) = t, s(t) = 1)
 from x = noise * sigma_max to sigma_min with exactly ``nfe`` denoiser calls (never more); the last
 call is the Euler step sigma_min -> 0, i.e. the output is D(x(sigma_min); sigma_min).  It combines
-three pieces, each measured in ``tools/bench/README_sampler.md``:
+three pieces, each measured with ``tools/bench/sampler_accuracy.py`` and ``sampler_convergence.py``:
 
 1. **A multistep exponential integrator in lambda = -log(sigma) with data prediction**
    (DPM-Solver++, Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
@@ -63,7 +69,7 @@ Fitted constants (KAPPA0, KAPPA_POWER, TAIL_FRACTION, TAIL_MIN_NFE, ORDER_MAX_H)
 were fitted on ideal-denoiser data that the benchmark's defaults do not use — 500 photo crops at
 24x24 (seed 3) and 16x16 (seed 5) and 8x8 latent-like data (seed 3), noise seed 11 — and are
 reported on the benchmark's default data (32x32, seed 0) and on 64x64 crops and 16x16 latent-like
-data (``tools/bench/README_sampler.md``).
+data (``tools/bench/sampler_accuracy.py --datasets ...``).
 
 What auto does at each listed budget
 ------------------------------------
