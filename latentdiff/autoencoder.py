@@ -31,7 +31,6 @@ exact inverse ``raw = model / scale + shift`` applied before decoding (trap T1).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import re
@@ -41,6 +40,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .checksums import sha256_file
 from .errors import EncodeError
 
 __all__ = [
@@ -61,16 +61,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
 
 
 def _resolve_local_dir(path: Path) -> Path:
@@ -151,7 +141,7 @@ class Autoencoder:
             except Exception as exn:  # noqa: BLE001 - any loader failure becomes one clear message
                 raise EncodeError(f"--vae {spec!r}: cannot load an AutoencoderKL from {local}: {exn}") from exn
             return cls(vae, spec=str(local), source="local", revision=revision,
-                       weights_sha256=_sha256_file(weights), device=device)
+                       weights_sha256=sha256_file(weights), device=device)
         if not _HUB_ID.match(spec):
             raise EncodeError(
                 f"--vae {spec!r} is neither an existing directory nor a hub id of the form org/name; "

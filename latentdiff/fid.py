@@ -75,6 +75,7 @@ import torch
 
 from latentdiff import dist as ldist
 from latentdiff.errors import FIDError
+from latentdiff.checksums import sha256_file
 
 __all__ = [
     "FEATURE_DIM",
@@ -141,17 +142,6 @@ _SAMPLING_FIELDS = {
 
 # --------------------------------------------------------------------------------------------
 # small helpers
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

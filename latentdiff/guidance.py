@@ -30,7 +30,22 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["drop_labels", "guided_denoiser", "model_null_label"]
+__all__ = ["drop_labels", "guided_denoiser", "model_null_label", "resolve_null_label"]
+
+
+def resolve_null_label(num_classes, null_label, owner: str) -> int:
+    """Validate a model config's class conditioning; returns the null class (``num_classes`` when None).
+
+    ``owner`` names the config in the error (e.g. ``"U-ViT"``)."""
+    if not (isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 0):
+        raise ConfigError(f"{owner} config field 'num_classes': must be an integer >= 0 (0 = unconditional), "
+                          f"got {num_classes!r}")
+    if null_label is None:
+        return num_classes
+    if not (isinstance(null_label, int) and not isinstance(null_label, bool) and 0 <= null_label <= num_classes):
+        raise ConfigError(f"{owner} config field 'null_label': must lie in [0, num_classes={num_classes}] "
+                          f"(default num_classes), got {null_label!r}")
+    return null_label
 
 
 def drop_labels(

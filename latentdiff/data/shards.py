@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import DataError
+from ..checksums import sha256_file
 
 __all__ = [
     "SHARD_PATTERN",
@@ -113,16 +114,6 @@ def write_shard(path: str | Path, samples: list[ShardSample]) -> dict:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return {"count": len(samples), "sha256": hw.h.hexdigest(), "bytes": hw.n}
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
 
 
 def read_shard_bytes(path: str | Path) -> bytes:

@@ -36,6 +36,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from ..errors import ConfigError
+from ..guidance import resolve_null_label
 
 __all__ = ["UNetConfig", "UNet", "ddpmpp_preset", "tiny_preset"]
 
@@ -93,18 +94,7 @@ class UNetConfig:
         for f in ("in_channels", "resolution", "layers_per_block", "time_embedding_dim", "norm_num_groups"):
             v = getattr(self, f)
             _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, f, f"must be a positive integer, got {v!r}")
-        _require(
-            isinstance(self.num_classes, int) and self.num_classes >= 0,
-            "num_classes",
-            f"must be an integer >= 0 (0 = unconditional), got {self.num_classes!r}",
-        )
-        if self.null_label is None:
-            object.__setattr__(self, "null_label", self.num_classes)
-        _require(
-            isinstance(self.null_label, int) and 0 <= self.null_label <= self.num_classes,
-            "null_label",
-            f"must lie in [0, num_classes={self.num_classes}] (default num_classes), got {self.null_label!r}",
-        )
+        object.__setattr__(self, "null_label", resolve_null_label(self.num_classes, self.null_label, "U-Net"))
         ch = self.block_out_channels
         _require(
             len(ch) >= 1 and all(isinstance(v, int) and v > 0 for v in ch),

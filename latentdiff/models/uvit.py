@@ -39,6 +39,7 @@ from timm.layers import Attention, Mlp, trunc_normal_
 from torch import nn
 
 from ..errors import ConfigError
+from ..guidance import resolve_null_label
 
 __all__ = ["UViTConfig", "UViT", "sinusoidal_embedding"]
 
@@ -89,18 +90,7 @@ class UViTConfig:
         for f in ("in_channels", "resolution", "patch_size", "width", "depth", "num_heads", "time_freq_dim"):
             v = getattr(self, f)
             _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, f, f"must be a positive integer, got {v!r}")
-        _require(
-            isinstance(self.num_classes, int) and self.num_classes >= 0,
-            "num_classes",
-            f"must be an integer >= 0 (0 = unconditional), got {self.num_classes!r}",
-        )
-        if self.null_label is None:
-            object.__setattr__(self, "null_label", self.num_classes)
-        _require(
-            isinstance(self.null_label, int) and 0 <= self.null_label <= self.num_classes,
-            "null_label",
-            f"must lie in [0, num_classes={self.num_classes}] (default num_classes), got {self.null_label!r}",
-        )
+        object.__setattr__(self, "null_label", resolve_null_label(self.num_classes, self.null_label, "U-ViT"))
         _require(self.depth % 2 == 1, "depth", f"counts in + mid + out blocks and must be odd, got {self.depth}")
         _require(
             self.resolution % self.patch_size == 0,
