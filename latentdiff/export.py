@@ -54,7 +54,7 @@ def _raw_weights(ckpt: Path) -> dict[str, torch.Tensor]:
         files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise ExportError(f"{ckpt} holds no DeepSpeed model or optimizer states")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     return _strip(state)
 
 

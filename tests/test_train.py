@@ -351,3 +351,28 @@ def test_bf16_ema_moves_and_fp16_stops_on_collapsed_scale(tiny_dataset, tmp_path
     p = torchrun(args, nproc=1)
     assert p.returncode != 0
     assert "fp16 loss scale stuck at its minimum" in p.stderr
+
+
+@pytest.mark.slow
+def test_zero0_checkpoint_exports_through_weights_only_load(tiny_dataset, tmp_path):
+    """A ZeRO-0 checkpoint has no optimizer shards: the export reads the module states with
+    torch.load(weights_only=True) and writes exactly those weights."""
+    from safetensors.torch import load_file
+
+    ds = tmp_path / "zero0.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}, "fp16": {"enabled": False}}))
+    run = tmp_path / "z0"
+    args = ["--config", "tiny-cpu", "--dataset", str(tiny_dataset), "--run-dir", str(run), "--heldout-batch", "0",
+            "--deepspeed_config", str(ds), "--max-steps", "2", "--checkpoint-every", "2"]
+    p = torchrun(args, nproc=1)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert not list(ckpt.glob("*optim_states.pt")) and list(ckpt.glob("mp_rank_*_model_states.pt"))
+    out = tmp_path / "export"
+    e = subprocess.run([sys.executable, "-m", "latentdiff.export", str(run), "--out", str(out)], env=_env(),
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert e.returncode == 0, e.stderr[-3000:]
+    module = torch.load(next(ckpt.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=True)["module"]
+    raw = load_file(str(out / json.loads((out / "model.json").read_text())["weights"]["raw"]))
+    assert raw and set(raw) == {k[len("model."):] for k in module if k.startswith("model.")}
+    assert all(torch.equal(raw[k], module["model." + k].float()) for k in raw)
