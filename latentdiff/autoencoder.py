@@ -12,6 +12,9 @@ identity for pixel-space training (``"none"``).
 * The VAE runs in fp32 **outside autocast** (trap T3: fp16 VAEs produce NaN/Inf on large images).
   A lower precision (``bf16``/``fp16``) is only used after :meth:`Autoencoder.validate_precision`
   compared it with fp32 on real images; the encoder does that on its first batch.
+* Every encode and decode runs on the **whole image, whole batch**: tiling and slicing are switched
+  off on the diffusers object before each call, even if a caller switched them on (trap T20: tiled
+  decoding changes the images and the FID).
 * A hub id is loaded with ``local_files_only=True`` when ``HF_HUB_OFFLINE=1`` (or ``offline=True``);
   when it cannot be loaded, :class:`~latentdiff.errors.EncodeError` says how to pass a local path.
 
@@ -104,6 +107,7 @@ class Autoencoder:
             if any(p.dtype != torch.float32 for p in vae.parameters()):
                 vae.float()
             vae.to(self.device)
+            self._whole_image()
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -255,6 +259,14 @@ class Autoencoder:
         except RuntimeError:
             return contextlib.nullcontext()
 
+    def _whole_image(self) -> None:
+        """Trap T20: no tiled or sliced encode/decode (diffusers' switches, on every model we run)."""
+        for model in (self.vae, self._low):
+            for name in ("disable_tiling", "disable_slicing"):
+                fn = getattr(model, name, None)
+                if callable(fn):
+                    fn()
+
     def _model(self, precision: str | None):
         p = self.precision if precision is None else precision
         if p == "fp32":
@@ -274,6 +286,7 @@ class Autoencoder:
         if self.vae is None:
             return x.clone(), torch.zeros_like(x)
         model, dtype = self._model(precision)
+        self._whole_image()
         with self._no_autocast():
             dist = model.encode(x.to(dtype)).latent_dist
             mean = dist.mean.float()
@@ -287,6 +300,7 @@ class Autoencoder:
         if self.vae is None:
             return z.clone()
         model, dtype = self._model(precision)
+        self._whole_image()
         with self._no_autocast():
             return model.decode(z.to(dtype)).sample.float()
 

@@ -456,11 +456,7 @@ def load_vae_for(vae_desc, device="cpu", *, path=None):
     for k in ("scaling_factor", "shift_factor", "latent_channels", "downsampling_factor"):
         if k in vae_desc and getattr(ae, k) != vae_desc[k]:
             raise SampleError(f"the VAE's {k} is {getattr(ae, k)} but the export recorded vae.{k} = {vae_desc[k]}")
-    for name in ("disable_tiling", "disable_slicing"):  # trap T20: whole-image decode, one forward per chunk
-        fn = getattr(ae.vae, name, None)
-        if callable(fn):
-            fn()
-    return ae
+    return ae  # untiled, unsliced fp32 decode outside autocast: Autoencoder.decode (trap T20)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

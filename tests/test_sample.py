@@ -393,6 +393,41 @@ def test_decode_applies_the_exact_inverse_normalization(tiny_dataset, loaded):
 # refusing broken exports and a different VAE
 
 
+def test_decode_is_untiled_fp32_outside_autocast_even_if_the_caller_enabled_tiling(tiny_dataset, loaded):
+    """T20: the VAE object itself decodes whole images in fp32 with autocast off -- checked inside its
+    forward, with tiling and slicing switched on by the caller and a bf16 autocast around the call."""
+    from latentdiff.autoencoder import Normalization
+    from latentdiff.sample import decode_to_uint8, load_vae_for
+
+    _, meta = loaded
+    ae = load_vae_for(meta["vae"])
+    norm = Normalization.from_dict(meta["normalization"])
+    z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5
+    reference = decode_to_uint8(z, norm, autoencoder=ae)
+
+    vae = ae.vae
+    vae.enable_tiling()
+    vae.enable_slicing()
+    vae.tile_latent_min_size = 4  # 16x16 latents would be cut into tiles
+    vae.tile_sample_min_size = 8
+    seen = []
+    vae.tiled_decode = lambda *a, **k: seen.append("tiled_decode") or pytest.fail("tiled decode was used")
+
+    def inside(module, args):
+        seen.append((args[0].dtype, args[0].shape[0], torch.is_autocast_enabled("cpu"),
+                     {p.dtype for p in module.parameters()}))
+
+    hook = vae.decoder.register_forward_pre_hook(inside)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = decode_to_uint8(z, norm, autoencoder=ae)
+    finally:
+        hook.remove()
+    assert seen == [(torch.float32, 3, False, {torch.float32})]  # one whole-batch, whole-image fp32 forward
+    assert vae.use_tiling is False and vae.use_slicing is False
+    assert torch.equal(out, reference)
+
+
 def _edited_copy(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst)
     meta = json.loads((dst / "model.json").read_text())

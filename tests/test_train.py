@@ -335,9 +335,14 @@ def test_resume_refuses_a_changed_config(tiny_dataset, tmp_path):
 @pytest.mark.slow
 def test_bf16_ema_moves_and_fp16_stops_on_collapsed_scale(tiny_dataset, tmp_path):
     run = tmp_path / "bf16"
-    p = torchrun(train_args(tiny_dataset, run, "--max-steps", 2, "--checkpoint-every", 1, "--keep-last", 5,
-                            "--precision", "bf16", "--ema-rates", "[0.5]"), nproc=1)
-    assert p.returncode == 0, p.stderr[-3000:]
+    args = train_args(tiny_dataset, run, "--max-steps", 2, "--checkpoint-every", 1, "--keep-last", 5,
+                      "--precision", "bf16", "--ema-rates", "[0.5]")
+    args[args.index("--heldout-batch") + 1] = "1000"  # more than the 72 samples: all of them, with a warning
+    r = probe(tmp_path / "bf16.json", args, nproc=1)
+    (rank,) = r["per_rank"]
+    assert rank["dtypes"] == {"module": ["torch.bfloat16"], "master": ["torch.float32"],
+                              "optimizer_state": ["torch.float32"]}, rank["dtypes"]  # T12 under ZeRO-2
+    assert rank["heldout"][0]["n"] == 72 and any("heldout_batch 1000 is larger" in w for w in rank["warnings"])
     e1, e2 = ema_weights(run, 1)[0.5], ema_weights(run, 2)[0.5]
     assert all(v.dtype == torch.float32 for v in e2.values())
     assert any(not torch.equal(e1[k], e2[k]) for k in e1), "the EMA did not move in bf16 training"
@@ -376,3 +381,48 @@ def test_zero0_checkpoint_exports_through_weights_only_load(tiny_dataset, tmp_pa
     raw = load_file(str(out / json.loads((out / "model.json").read_text())["weights"]["raw"]))
     assert raw and set(raw) == {k[len("model."):] for k in module if k.startswith("model.")}
     assert all(torch.equal(raw[k], module["model." + k].float()) for k in raw)
+
+
+def _tb_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_two_ranks_log_the_reduced_loss_share_the_fixed_batch_and_keep_fp32_masters(tiny_dataset, tmp_path):
+    """T24: the logged loss is the mean over both ranks' samples (not rank 0's), and only rank 0 opens a
+    tensorboard writer.  T11: a fixed batch of 13 samples (two uneven shards, odd for 2 ranks) is the
+    same on both ranks and its raw and EMA losses are logged at every step under ZeRO-3, whose gathers
+    would hang on an uneven split.  T12: bf16 keeps fp32 master weights and fp32 Adam moments."""
+    run = tmp_path / "run"
+    args = train_args(tiny_dataset, run, "--max-steps", 3, "--checkpoint-every", 3, "--log-every", 1,
+                      "--precision", "bf16", "--ema-rates", "[0.9]", ds="zero3.json")
+    args[args.index("--heldout-batch") + 1] = "13"
+    r = probe(tmp_path / "p.json", args)
+    assert r["step"] == 3 and r["zero_stage"] == 3
+    r0, r1 = r["per_rank"]
+    # T24 -------------------------------------------------------------------------------------
+    assert r0["tb_writer"] == [True] and r1["tb_writer"] == [False]
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1
+    logged = dict(_tb_scalars(run)["loss/train"])
+    assert sorted(logged) == [1, 2, 3]
+    spread = 0.0
+    for w0, w1 in zip(r0["windows"], r1["windows"]):
+        assert w0["step"] == w1["step"] and w0["count"] == w1["count"] == 8  # micro-batch 8, no accumulation
+        mean = (w0["loss_sum"] + w1["loss_sum"]) / (w0["count"] + w1["count"])
+        assert logged[w0["step"]] == pytest.approx(mean, rel=1e-6)
+        local0, local1 = w0["loss_sum"] / w0["count"], w1["loss_sum"] / w1["count"]
+        spread = max(spread, abs(local0 - local1) / mean)
+    assert spread > 1e-3, "the ranks' own losses coincide: this run could not tell a reduced loss from rank 0's"
+    # T11 -------------------------------------------------------------------------------------
+    assert r0["heldout"] == r1["heldout"] and r0["heldout"][0]["n"] == 13
+    scalars = _tb_scalars(run)
+    for tag in ("loss_fixed_batch/raw", "loss_fixed_batch/ema_0.9"):
+        assert [s for s, _ in scalars[tag]] == [1, 2, 3], tag
+    # T12 -------------------------------------------------------------------------------------
+    for rank in (r0, r1):
+        assert rank["dtypes"] == {"module": ["torch.bfloat16"], "master": ["torch.float32"],
+                                  "optimizer_state": ["torch.float32"]}, rank["dtypes"]

@@ -3,7 +3,9 @@
     torchrun --nproc_per_node 2 tests/train_probe.py OUT.json -- <latentdiff.train flags>
 
 Records per rank the sigmas and the first noise value drawn at every micro-step (through a wrapper of
-``edm_loss``), then compares the live engine's output on a fixed batch with the export's (raw weights)
+``edm_loss``), this rank's own loss sums at every logging step (before the all-reduce), a digest of the
+fixed held-out batch, whether this rank's tensorboard writer is open, and the dtypes of the module
+parameters, of the optimizer's (master) parameters and of its states; then compares the live engine's output on a fixed batch with the export's (raw weights)
 and with a gathered EMA of rate 0 when configured.  Rank 0 writes OUT.json.
 """
 import json
@@ -39,10 +41,45 @@ def main():
                           "labels": None if labels is None else labels.tolist()})
         return real_loss(denoiser, y, sigma_dist, labels, generator=generator, **kw)
 
+    windows, heldout, writers = [], [], []
+    real_log, real_heldout = trainer_mod.Trainer._log, trainer_mod.Trainer._heldout_batch
+    real_tb = trainer_mod.TBWriter
+
+    def recording_log(self, tb, metrics, *a, **k):
+        m = trainer_mod.StepMetrics.unpack(metrics.packed())
+        windows.append({"step": self.step, "loss_sum": metrics.loss_sum, "count": m["count"]})
+        return real_log(self, tb, metrics, *a, **k)
+
+    def recording_heldout(self):
+        y, lab, sigma, noise = real_heldout(self)
+        heldout.append({"n": y.shape[0], "y": float(y.double().sum()), "sigma": sigma.tolist(),
+                        "noise": float(noise.double().sum()), "labels": None if lab is None else lab.tolist()})
+        return y, lab, sigma, noise
+
+    def recording_tb(*a, **k):
+        w = real_tb(*a, **k)
+        writers.append(w.writer is not None)
+        return w
+
     trainer_mod.edm_loss = recording_loss
-    tr = trainer_mod.Trainer(cfg, ds, log=lambda m: None)
+    trainer_mod.Trainer._log, trainer_mod.Trainer._heldout_batch = recording_log, recording_heldout
+    trainer_mod.TBWriter = recording_tb
+    logs = []
+    tr = trainer_mod.Trainer(cfg, ds, log=logs.append)
     result = tr.train()
     trainer_mod.edm_loss = real_loss
+    trainer_mod.Trainer._log, trainer_mod.Trainer._heldout_batch = real_log, real_heldout
+    trainer_mod.TBWriter = real_tb
+    base = getattr(tr.optimizer, "optimizer", tr.optimizer)  # the AdamW under DeepSpeed's wrapper
+    dtypes = {
+        "module": sorted({str(p.dtype) for p in tr.engine.module.parameters()}),
+        # the tensors Adam steps (the keys of its state) are the master weights
+        "master": sorted({str(p.dtype) for p in base.state.keys()}),
+        "optimizer_state": sorted({str(v.dtype) for st in base.state.values() for v in st.values()
+                                   if torch.is_tensor(v) and v.numel() > 1}),
+    }
+    mine = {"windows": windows, "heldout": heldout, "tb_writer": writers, "dtypes": dtypes,
+            "warnings": [m for m in logs if m.startswith("warning")]}
 
     # fixed batch through the live engine (collective under ZeRO-3: every rank calls)
     g = torch.Generator().manual_seed(123)
@@ -59,11 +96,12 @@ def main():
         if d is not None:
             with torch.no_grad():
                 ema0 = float((d(x, sigma, labels) - live).abs().max())
-    all_draws = [None] * world
+    all_draws, per_rank = [None] * world, [None] * world
     if world > 1:
         dist.all_gather_object(all_draws, draws)
+        dist.all_gather_object(per_rank, mine)
     else:
-        all_draws = [draws]
+        all_draws, per_rank = [draws], [mine]
     ldist.barrier()
     if ldist.get_rank() == 0:
         from latentdiff.export import export_checkpoint, load_export
@@ -77,6 +115,7 @@ def main():
         json.dump({
             "result": result,
             "draws": all_draws,
+            "per_rank": per_rank,
             "export_vs_engine": float((exported - live).abs().max()),
             "live_scale": float(live.abs().max()),
             "ema0_vs_engine": ema0,

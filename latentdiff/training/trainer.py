@@ -34,7 +34,7 @@ from .ema import EMA
 from .schedule import resolve_schedule
 from .tb import StepMetrics, TBWriter
 
-__all__ = ["Trainer", "build_ds_config", "step_seed"]
+__all__ = ["Trainer", "build_ds_config", "fixed_batch", "step_seed"]
 
 FAULT_ENV = "LATENTDIFF_FAULT"  # test-only fault injection, e.g. "kill-after-save:4" or "kill-rank:1:3"
 
@@ -109,6 +109,27 @@ def _fault(kind: str, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if parts[0] == kind == "kill-mid-save" and int(parts[1]) == step and rank == 0:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fixed_batch(dataset, n: int, seed: int, norm: Normalization, sigma_dist, device, null_label: int | None):
+    """The fixed batch of the raw-vs-EMA loss curve: ``(y, labels, sigma, noise)``, identical on every rank.
+
+    Trap T11: the batch is not split across ranks.  Every rank reads the same first ``n`` samples (in
+    manifest order, as one reader of a world of size 1) and draws the same latents, sigmas and noise
+    from one seed, so every rank runs the same forwards -- the ZeRO-3 parameter gathers inside them
+    are matched one for one whatever ``n``, the shard sizes or the number of ranks.  Rank 0 logs.
+    """
+    ds = LatentShardDataset(dataset, n, rank=0, world_size=1, num_workers=0, shuffle=False, verify="none")
+    mean, std, labels, _ = next(iter(ds))
+    g = torch.Generator(device).manual_seed(step_seed(seed, -1 % (1 << 31), 0, 0))
+    y = norm.to_model(sample_latent(mean.to(device), std.to(device), g))
+    lab = None
+    if null_label is not None:
+        labels = labels.to(device)
+        lab = torch.where(labels < 0, torch.full_like(labels, null_label), labels)
+    sigma = sigma_dist.sample(y.shape[0], g, device)
+    noise = torch.randn(y.shape, generator=g, device=device)
+    return y, lab, sigma, noise
 
 
 _STOP = {"requested": False}
@@ -449,18 +470,12 @@ class Trainer:
 
     # fixed batch: EMA vs raw ----------------------------------------------------------------------
     def _heldout_batch(self):
-        ds = LatentShardDataset(self.cfg.dataset, self.cfg.heldout_batch, rank=0, world_size=1, num_workers=0,
-                                shuffle=False, verify="none")
-        mean, std, labels, _ = next(iter(ds))
-        g = torch.Generator(self.device).manual_seed(step_seed(self.cfg.seed, -1 % (1 << 31), 0, 0))
-        y = self.norm.to_model(sample_latent(mean.to(self.device), std.to(self.device), g))
-        lab = None
-        if self.num_classes > 0:
-            labels = labels.to(self.device)
-            lab = torch.where(labels < 0, torch.full_like(labels, self.null_label), labels)
-        sigma = self.sigma_dist.sample(y.shape[0], g, self.device)
-        noise = torch.randn(y.shape, generator=g, device=self.device)
-        return y, lab, sigma, noise
+        n = min(self.cfg.heldout_batch, int(self.manifest["num_samples"]))
+        if n < self.cfg.heldout_batch and self.is_main:
+            self.log(f"warning: heldout_batch {self.cfg.heldout_batch} is larger than the dataset "
+                     f"({self.manifest['num_samples']} samples); the fixed batch uses all {n}")
+        return fixed_batch(self.cfg.dataset, n, self.cfg.seed, self.norm, self.sigma_dist, self.device,
+                           self.null_label if self.num_classes > 0 else None)
 
     def _ema_denoiser(self, rate: float):
         """A plain (non-engine) copy of the denoiser with EMA weights on rank 0; None elsewhere.
