@@ -217,6 +217,29 @@ def test_input_kinds_and_deterministic_order(tmp_path, folder):
 # the encoded dataset
 
 
+def test_vae_gets_channels_last_batches_with_the_decoded_pixels(vae_dir, folder, tmp_path, monkeypatch):
+    """The tool hands the VAE each batch as an NCHW view of NHWC memory (channels_last: the faster
+    layout for its convolutions on CPU, see tools/bench/encode_throughput.py) holding exactly the
+    preprocessed pixels, with and without DataLoader workers."""
+    seen = []
+    real = Autoencoder.encode
+
+    def spy(self, x, precision=None):
+        seen.append((x.is_contiguous(memory_format=torch.channels_last), x.clone()))
+        return real(self, x, precision)
+
+    monkeypatch.setattr(Autoencoder, "encode", spy)
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    want = torch.stack([torch.from_numpy(load_and_preprocess(p.read_bytes(), RES, min_size=1)) for p in paths])
+    want = want.permute(0, 3, 1, 2).float() / 127.5 - 1
+    for workers in (0, 2):
+        seen.clear()
+        _encode([folder], tmp_path / f"w{workers}", vae_dir, batch_size=4, workers=workers)
+        assert seen and all(cl for cl, _ in seen)
+        got = torch.cat([x for _, x in seen])
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
 def test_manifest_contents(dataset, vae_dir, folder):
     out, summary = dataset
     m, samples = _read_all(out)

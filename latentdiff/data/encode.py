@@ -133,8 +133,8 @@ class _ImageDataset(torch.utils.data.Dataset):
             rgb = rgb64_power(img)[None]
             if self.flip:
                 rgb = torch.cat([rgb, rgb64_power(img[:, ::-1])[None]])
-            # HWC view; the collate's stack makes the batch contiguous in NCHW
-            return {"index": gi, "img": torch.from_numpy(img).permute(2, 0, 1), "rgb": rgb, "reason": None, "detail": None}
+            # HWC; the collate stacks to (N, H, W, C) and returns an NCHW view of it (channels_last)
+            return {"index": gi, "img": torch.from_numpy(img), "rgb": rgb, "reason": None, "detail": None}
         except ImageSkip as s:
             return {"index": gi, "img": None, "rgb": None, "reason": s.reason, "detail": s.detail}
         except Exception as exn:  # noqa: BLE001 - bad input never stops a run
@@ -143,7 +143,9 @@ class _ImageDataset(torch.utils.data.Dataset):
 
 def _collate(batch):
     ok = [b for b in batch if b["img"] is not None]
-    imgs = torch.stack([b["img"] for b in ok]) if ok else None
+    # (N, H, W, C) stacked, seen as NCHW: channels_last memory, which the VAE's convolutions encode
+    # faster on CPU than contiguous NCHW (tools/bench/encode_throughput.py measures both layouts)
+    imgs = torch.stack([b["img"] for b in ok]).permute(0, 3, 1, 2) if ok else None
     # one tensor per field and batch: each tensor crosses the worker boundary through its own shm segment
     return {"meta": [{k: b[k] for k in ("index", "reason", "detail")} for b in batch],
             "imgs": imgs, "rgb": torch.stack([b["rgb"] for b in ok]) if ok else None}

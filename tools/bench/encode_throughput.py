@@ -6,7 +6,9 @@
 
 1. Writes ``--images`` PNG crops (skimage photos, 64..128 px) and a tiny AutoencoderKL to a temp dir.
 2. *Bare loop*: decodes + crops every image up front, then times only ``vae.encode`` (fp32, same
-   batch size, same process and thread count) over the already-decoded batch.
+   batch size, same process and thread count) over the already-decoded batch, in the memory layout
+   the tool feeds (NCHW view of NHWC memory, i.e. channels_last).  The same loop on contiguous NCHW
+   input is timed too and reported, since the layout alone changes the VAE's speed on CPU.
 3. *Full tool*: ``encode_dataset`` (listing, DataLoader decode workers, VAE, float16 conversion,
    per-sample checks, RGB spectra, shard + sidecar writing).  Reports images/s of the encode phase and
    end-to-end (including the statistics pass 2 and the manifest), and the ratio to the bare loop
@@ -48,8 +50,11 @@ def bench_encode(args, tmp: Path) -> dict:
     params = sum(p.numel() for p in ae.vae.parameters())
     # bare loop on already-decoded images
     imgs = np.stack([load_and_preprocess(p.read_bytes(), args.resolution, min_size=1) for p in paths])
-    x_all = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x_all = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1  # channels_last, like the tool's batches
+    assert x_all.is_contiguous(memory_format=torch.channels_last)
+    x_nchw = x_all.contiguous()
     ae.encode(x_all[: args.batch_size])  # warm-up
+    ae.encode(x_nchw[: args.batch_size])
     # decode cost per image (what the DataLoader workers do), single-threaded
     from latentdiff.data.stats import rgb64_power
 
@@ -70,13 +75,17 @@ def bench_encode(args, tmp: Path) -> dict:
 
     Autoencoder.encode = timed_encode
     # bare loop and full tool alternate, best of --repeats each (robust to other load on the machine)
-    best_bare = float("inf")
+    best_bare = best_nchw = float("inf")
     runs = []
     for r in range(args.repeats):
         t = time.perf_counter()
         for i in range(0, n, args.batch_size):
             ae.encode(x_all[i : i + args.batch_size])
         best_bare = min(best_bare, time.perf_counter() - t)
+        t = time.perf_counter()
+        for i in range(0, n, args.batch_size):
+            ae.encode(x_nchw[i : i + args.batch_size])
+        best_nchw = min(best_nchw, time.perf_counter() - t)
         out = tmp / f"out{r}"
         cfg = EncodeConfig(inputs=[str(tmp / "imgs")], output=str(out), resolution=args.resolution, vae=str(vae_dir),
                            batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
@@ -97,6 +106,7 @@ def bench_encode(args, tmp: Path) -> dict:
         "images": n, "resolution": args.resolution, "batch_size": args.batch_size, "workers": args.workers,
         "torch_threads": torch.get_num_threads(),
         "bare_vae_seconds": best_bare, "bare_vae_img_s": bare_ips,
+        "bare_vae_nchw_seconds": best_nchw, "bare_vae_nchw_img_s": n / best_nchw,
         "tool_encode_seconds": best["encode"], "tool_encode_img_s": tool_ips,
         "tool_total_seconds": best["total"], "tool_total_img_s": n / best["total"],
         "tool_finalize_seconds": best["finalize"],
@@ -167,7 +177,9 @@ def main(argv=None) -> int:
           f"latents {tuple(enc['latent_shape'])}")
     print(f"encode: {enc['images']} images {a.resolution}x{a.resolution}, batch {a.batch_size}, "
           f"{a.workers} decode workers, {enc['torch_threads']} torch threads")
-    print(f"  bare VAE encode loop (pre-decoded) : {enc['bare_vae_img_s']:8.1f} img/s")
+    print(f"  bare VAE encode loop (pre-decoded) : {enc['bare_vae_img_s']:8.1f} img/s   (channels_last input, as the tool)")
+    print(f"  same loop, contiguous NCHW input   : {enc['bare_vae_nchw_img_s']:8.1f} img/s   "
+          f"(channels_last / NCHW {enc['bare_vae_img_s'] / enc['bare_vae_nchw_img_s']:.3f})")
     print(f"  full tool, encode phase            : {enc['tool_encode_img_s']:8.1f} img/s   ratio {enc['ratio_encode_phase']:.3f}")
     print(f"  full tool, end to end (+stats, IO) : {enc['tool_total_img_s']:8.1f} img/s   ratio {enc['ratio_end_to_end']:.3f}")
     print(f"  breakdown: VAE calls take {100 * enc['vae_share_of_encode_phase']:.1f}% of the tool's encode phase; "
