@@ -199,7 +199,7 @@ def test_first_step_is_the_eq5_first_step(nfe):
 def test_sample_dispatches_auto_and_auto_is_the_default():
     """sample(method="auto") runs auto_sample (same result, exact budget); auto is the default of
     sample() and of the sampling CLI (issue 5), and the paper-exact nfe-guided stays available."""
-    from latentdiff.sample import DEFAULT_SOLVER
+    from latentdiff.generation import DEFAULT_SOLVER
     from latentdiff.solvers import DEFAULT_SAMPLER
 
     assert "auto" in SAMPLERS and "nfe-guided" in SAMPLERS

@@ -23,7 +23,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from latentdiff import fid
+from latentdiff import checksums, fid, frechet, image_sources, inception, seeds
 from latentdiff.errors import FIDError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ class Recorder:
 
     def __init__(self, inner):
         self.inner = inner
-        self.feature_dim = getattr(inner, "feature_dim", fid.FEATURE_DIM)
+        self.feature_dim = getattr(inner, "feature_dim", inception.FEATURE_DIM)
         self.batches: list[torch.Tensor] = []
 
     def __call__(self, x):
@@ -125,11 +125,11 @@ def test_frechet_closed_form_diagonal():
     mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
     a, b = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    got = fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+    got = frechet.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
     assert isinstance(got, float)
     assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
     # 1-D Gaussians: (m1 - m2)^2 + (s1 - s2)^2
-    assert fid.frechet_distance([1.0], [[4.0]], [-2.0], [[9.0]]) == pytest.approx(9.0 + 1.0, rel=1e-14)
+    assert frechet.frechet_distance([1.0], [[4.0]], [-2.0], [[9.0]]) == pytest.approx(9.0 + 1.0, rel=1e-14)
 
 
 def test_frechet_matches_independent_scipy_and_torch_fidelity():
@@ -139,14 +139,14 @@ def test_frechet_matches_independent_scipy_and_torch_fidelity():
     d = 32
     mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d) * 0.5
     s1, s2 = _random_spd(d, rng), _random_spd(d, rng, cond=1e3)
-    got, info = fid.frechet_distance(mu1, s1, mu2, s2, return_info=True)
+    got, info = frechet.frechet_distance(mu1, s1, mu2, s2, return_info=True)
     assert got == pytest.approx(_fd_eigh(mu1, s1, mu2, s2), rel=1e-10)
     tf = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, verbose=False)
     assert got == pytest.approx(tf["frechet_inception_distance"], rel=1e-9)
     assert info["eps"] == 0.0 and info["residual"] < 1e-10
     # symmetric in its arguments, zero for identical Gaussians
-    assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(got, rel=1e-10)
-    assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-9 * np.trace(s1)
+    assert frechet.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(got, rel=1e-10)
+    assert abs(frechet.frechet_distance(mu1, s1, mu1, s1)) < 1e-9 * np.trace(s1)
 
 
 def test_frechet_rank_deficient_covariances():
@@ -155,7 +155,7 @@ def test_frechet_rank_deficient_covariances():
     x, y = rng.standard_normal((10, 64)), rng.standard_normal((12, 64)) + 0.3
     mu1, s1 = x.mean(0), np.cov(x, rowvar=False)
     mu2, s2 = y.mean(0), np.cov(y, rowvar=False)
-    got = fid.frechet_distance(mu1, s1, mu2, s2)
+    got = frechet.frechet_distance(mu1, s1, mu2, s2)
     assert np.isfinite(got)
     assert got == pytest.approx(_fd_eigh(mu1, s1, mu2, s2), rel=1e-6)
 
@@ -165,7 +165,7 @@ def test_frechet_eps_fallback_and_invalid_covariance(monkeypatch):
     d = 8
     mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
     s1, s2 = _random_spd(d, rng), _random_spd(d, rng)
-    exact = fid.frechet_distance(mu1, s1, mu2, s2)
+    exact = frechet.frechet_distance(mu1, s1, mu2, s2)
     real_sqrtm = scipy.linalg.sqrtm
     calls = []
 
@@ -176,7 +176,7 @@ def test_frechet_eps_fallback_and_invalid_covariance(monkeypatch):
 
     monkeypatch.setattr(scipy.linalg, "sqrtm", flaky)
     with pytest.warns(RuntimeWarning, match="non-finite.*1e-06"):
-        got, info = fid.frechet_distance(mu1, s1, mu2, s2, return_info=True)
+        got, info = frechet.frechet_distance(mu1, s1, mu2, s2, return_info=True)
     assert len(calls) == 2 and info["eps"] == 1e-6 and "non-finite" in info["first_attempt"]
     np.testing.assert_allclose(calls[1], (s1 + 1e-6 * np.eye(d)) @ (s2 + 1e-6 * np.eye(d)), rtol=1e-14)
     assert got == pytest.approx(exact, rel=1e-5)
@@ -186,16 +186,16 @@ def test_frechet_eps_fallback_and_invalid_covariance(monkeypatch):
     bad = np.diag([1.0] * (d - 1) + [-0.5])
     with pytest.warns(RuntimeWarning, match="imaginary"):
         with pytest.raises(FIDError, match="imaginary"):
-            fid.frechet_distance(mu1, bad, mu2, np.eye(d))
+            frechet.frechet_distance(mu1, bad, mu2, np.eye(d))
 
 
 def test_frechet_rejects_bad_inputs():
     with pytest.raises(FIDError, match="covariances"):
-        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+        frechet.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
     with pytest.raises(FIDError, match="mean vectors"):
-        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(3))
+        frechet.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(3))
     with pytest.raises(FIDError, match="non-finite"):
-        fid.frechet_distance(np.array([0.0, np.nan]), np.eye(2), np.zeros(2), np.eye(2))
+        frechet.frechet_distance(np.array([0.0, np.nan]), np.eye(2), np.zeros(2), np.eye(2))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_statistics_match_numpy_for_every_input_kind():
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (23, 3, 4, 4), generator=g, dtype=torch.uint8)
     ext = Recorder(StandIn(48))
-    mu, sigma, n = fid.compute_statistics(imgs, ext, batch_size=5, allow_small=True, progress=False)
+    mu, sigma, n = frechet.compute_statistics(imgs, ext, batch_size=5, allow_small=True, progress=False)
     feats = ext.features()
     assert n == 23 and feats.shape == (23, 24) and mu.dtype == np.float64 and sigma.dtype == np.float64
     np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-13, atol=1e-15)
@@ -214,12 +214,12 @@ def test_statistics_match_numpy_for_every_input_kind():
     # NHWC numpy (ADM layout), an iterable of batches, batch size 1: same statistics
     nhwc = imgs.permute(0, 2, 3, 1).numpy()
     for inp, bs in ((nhwc, 7), ([imgs[:10], imgs[10:]], 4), (imgs, 1)):
-        mu2, sigma2, n2 = fid.compute_statistics(inp, StandIn(48), batch_size=bs, allow_small=True, progress=False)
+        mu2, sigma2, n2 = frechet.compute_statistics(inp, StandIn(48), batch_size=bs, allow_small=True, progress=False)
         assert n2 == 23
         np.testing.assert_allclose(mu2, mu, rtol=1e-13, atol=1e-15)
         np.testing.assert_allclose(sigma2, sigma, rtol=1e-11, atol=1e-14)
     with pytest.raises(FIDError, match="uint8"):
-        fid.compute_statistics(imgs.float(), StandIn(48), allow_small=True, progress=False)
+        frechet.compute_statistics(imgs.float(), StandIn(48), allow_small=True, progress=False)
 
 
 def test_refuses_fewer_than_2048_samples(tmp_path, monkeypatch, capsys):
@@ -231,15 +231,15 @@ def test_refuses_fewer_than_2048_samples(tmp_path, monkeypatch, capsys):
         raise AssertionError("features must not be computed for a refused input")
 
     with pytest.raises(FIDError, match=r"only 100 images.*2048.*--allow-small"):
-        fid.compute_statistics(imgs, never, progress=False)
+        frechet.compute_statistics(imgs, never, progress=False)
     assert not calls
     with pytest.raises(FIDError, match="at least 2"):
-        fid.compute_statistics(imgs[:1], never, allow_small=True, progress=False)
+        frechet.compute_statistics(imgs[:1], never, allow_small=True, progress=False)
     # the CLI refuses before it even looks for Inception weights (none exist here)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
     _write_pngs(tmp_path / "samples", torch.zeros((5, 3, 8, 8), dtype=torch.uint8))
-    fid.save_reference(tmp_path / "ref.npz", np.zeros(4), np.eye(4), {"resolution": [8, 8]})
+    frechet.save_reference(tmp_path / "ref.npz", np.zeros(4), np.eye(4), {"resolution": [8, 8]})
     rc = fid.main(["--ref", str(tmp_path / "ref.npz"), str(tmp_path / "samples")])
     err = capsys.readouterr().err
     assert rc == 2 and "only 5 images" in err and "--allow-small" in err and "weights" not in err
@@ -250,8 +250,8 @@ def test_parse_and_format_seeds():
     assert fid.parse_seeds("0-2, 7,9-10") == [0, 1, 2, 7, 9, 10]
     assert fid.parse_seeds([3, 1, 3]) == [1, 3]
     assert len(fid.parse_seeds("0-49999")) == 50000
-    assert fid.format_seeds(range(50000)) == "0-49999"
-    assert fid.format_seeds([5, 0, 1, 2, 9, 10]) == "0-2,5,9-10"
+    assert seeds.format_seeds(range(50000)) == "0-49999"
+    assert seeds.format_seeds([5, 0, 1, 2, 9, 10]) == "0-2,5,9-10"
     for bad in ("5-3", "a-b", "1-2-3", ""):
         with pytest.raises(FIDError):
             fid.parse_seeds(bad)
@@ -261,20 +261,20 @@ def test_npz_reader_memory_maps_adm_files(tmp_path):
     arr = np.random.default_rng(0).integers(0, 256, (6, 5, 4, 3), dtype=np.uint8)
     np.savez(tmp_path / "plain.npz", arr_0=arr, arr_1=np.arange(6))
     np.savez_compressed(tmp_path / "packed.npz", arr_0=arr)
-    plain = fid.read_npz_array(tmp_path / "plain.npz")
+    plain = image_sources.read_npz_array(tmp_path / "plain.npz")
     assert isinstance(plain, np.memmap)
     np.testing.assert_array_equal(plain, arr)
-    np.testing.assert_array_equal(fid.read_npz_array(tmp_path / "packed.npz"), arr)
-    np.testing.assert_array_equal(fid.read_npz_array(tmp_path / "plain.npz", "arr_1"), np.arange(6))
+    np.testing.assert_array_equal(image_sources.read_npz_array(tmp_path / "packed.npz"), arr)
+    np.testing.assert_array_equal(image_sources.read_npz_array(tmp_path / "plain.npz", "arr_1"), np.arange(6))
     with pytest.raises(FIDError, match="no array 'images'.*arr_0"):
-        fid.read_npz_array(tmp_path / "plain.npz", "images")
-    src = fid.NpzImages(tmp_path / "plain.npz")
+        image_sources.read_npz_array(tmp_path / "plain.npz", "images")
+    src = image_sources.NpzImages(tmp_path / "plain.npz")
     assert len(src) == 6 and src.resolution == (5, 4)
     assert torch.equal(src.batch([4, 1]), torch.from_numpy(arr[[4, 1]]).permute(0, 3, 1, 2))
     np.save(tmp_path / "float.npy", arr.astype(np.float32))
     np.savez(tmp_path / "float.npz", arr_0=arr.astype(np.float32))
     with pytest.raises(FIDError, match="uint8"):
-        fid.NpzImages(tmp_path / "float.npz")
+        image_sources.NpzImages(tmp_path / "float.npz")
 
 
 def test_open_samples_png_npz_seeds_and_sampling_json(tmp_path):
@@ -287,31 +287,31 @@ def test_open_samples_png_npz_seeds_and_sampling_json(tmp_path):
     _write_pngs(d / "000006", imgs[6:], 6)
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(d / "grid.png")  # the sampler's grid: skipped
     (d / "sampling.json").write_text(json.dumps({"seeds": list(range(12)), "solver": "heun"}))
-    src, sampling, spath = fid.open_samples(d)
-    assert isinstance(src, fid.PngFolder) and len(src) == 12 and src.resolution == (8, 8)
+    src, sampling, spath = image_sources.open_samples(d)
+    assert isinstance(src, image_sources.PngFolder) and len(src) == 12 and src.resolution == (8, 8)
     assert sampling["solver"] == "heun" and spath == d / "sampling.json"
     np.testing.assert_array_equal(src.seeds, np.arange(12))
     assert torch.equal(src.batch(list(range(12))), imgs)
-    sub = fid._select_seeds(src, fid.parse_seeds("3-5,9"), "s")
+    sub = image_sources.select_seeds(src, fid.parse_seeds("3-5,9"), "s")
     assert torch.equal(sub.batch([0, 1, 2, 3]), imgs[[3, 4, 5, 9]])
     with pytest.raises(FIDError, match=r"lacks 2 of the 4 requested seeds.*12-13"):
-        fid._select_seeds(src, fid.parse_seeds("10-13"), "s")
+        image_sources.select_seeds(src, fid.parse_seeds("10-13"), "s")
     # samples.npz (ADM) takes precedence in a directory; seeds come from sampling.json
     np.savez(d / "samples.npz", arr_0=imgs.permute(0, 2, 3, 1).numpy())
-    src2, _, _ = fid.open_samples(d)
-    assert isinstance(src2, fid.NpzImages) and torch.equal(src2.batch(list(range(12))), imgs)
+    src2, _, _ = image_sources.open_samples(d)
+    assert isinstance(src2, image_sources.NpzImages) and torch.equal(src2.batch(list(range(12))), imgs)
     np.testing.assert_array_equal(src2.seeds, np.arange(12))
-    assert isinstance(fid.open_samples(d, "png")[0], fid.PngFolder)
+    assert isinstance(image_sources.open_samples(d, "png")[0], image_sources.PngFolder)
     # a stray image of another size is named, JPEG-only folders are refused as lossy
     Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(d / "000006" / "000099.png")
-    src3, _, _ = fid.open_samples(d, "png")
+    src3, _, _ = image_sources.open_samples(d, "png")
     with pytest.raises(FIDError, match="000099.png is 9x9"):
         src3.batch(list(range(len(src3))))
     j = tmp_path / "jpg"
     j.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(j / "0.jpg")
     with pytest.raises(FIDError, match="lossy"):
-        fid.open_samples(j)
+        image_sources.open_samples(j)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -323,13 +323,13 @@ def test_reference_roundtrip_and_compatibility(tmp_path):
     x = rng.standard_normal((50, 16))
     mu, sigma = x.mean(0), np.cov(x, rowvar=False)
     prov = {"source": "/data/x", "count": 50, "resolution": [64, 64], "preprocessing": {"mode": "adm"}}
-    npz, pjson = fid.save_reference(tmp_path / "ref.npz", mu, sigma, prov)
+    npz, pjson = frechet.save_reference(tmp_path / "ref.npz", mu, sigma, prov)
     assert pjson == tmp_path / "ref.provenance.json" and pjson.is_file()
-    ref = fid.load_reference(npz)
+    ref = frechet.load_reference(npz)
     np.testing.assert_array_equal(ref.mu, mu)
     np.testing.assert_array_equal(ref.sigma, sigma)
     assert ref.mu.dtype == np.float64 and ref.sigma.dtype == np.float64
-    assert ref.sha256 == fid.sha256_file(npz)
+    assert ref.sha256 == checksums.sha256_file(npz)
     for k, v in prov.items():
         assert ref.provenance[k] == v
     assert ref.provenance["stats_sha256"] == ref.sha256 and ref.provenance["feature_dim"] == 16
@@ -339,21 +339,21 @@ def test_reference_roundtrip_and_compatibility(tmp_path):
         np.testing.assert_array_equal(f["mu"], mu)
     # EDM-style (mu/sigma only, no provenance) and ADM-style (extra arrays) files load
     np.savez(tmp_path / "edm.npz", mu=mu, sigma=sigma)
-    assert fid.load_reference(tmp_path / "edm.npz").provenance is None
+    assert frechet.load_reference(tmp_path / "edm.npz").provenance is None
     np.savez(tmp_path / "VIRTUAL_adm.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8), mu=mu, sigma=sigma, mu_s=mu[:4], sigma_s=sigma[:4, :4])
-    np.testing.assert_array_equal(fid.load_reference(tmp_path / "VIRTUAL_adm.npz").sigma, sigma)
+    np.testing.assert_array_equal(frechet.load_reference(tmp_path / "VIRTUAL_adm.npz").sigma, sigma)
     # errors name the file and the fix
     np.savez(tmp_path / "images_only.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
     with pytest.raises(FIDError, match="lacks 'mu'.*fid_reference.py"):
-        fid.load_reference(tmp_path / "images_only.npz")
+        frechet.load_reference(tmp_path / "images_only.npz")
     with pytest.raises(FIDError, match="not found"):
-        fid.load_reference(tmp_path / "nope.npz")
+        frechet.load_reference(tmp_path / "nope.npz")
     with pytest.raises(FIDError, match="symmetric"):
-        fid.save_reference(tmp_path / "bad.npz", mu, sigma + np.triu(np.ones_like(sigma), 1))
+        frechet.save_reference(tmp_path / "bad.npz", mu, sigma + np.triu(np.ones_like(sigma), 1))
     # a replaced .npz no longer matches its provenance
     np.savez(tmp_path / "ref.npz", mu=mu + 1, sigma=sigma)
     with pytest.raises(FIDError, match="replaced"):
-        fid.load_reference(tmp_path / "ref.npz")
+        frechet.load_reference(tmp_path / "ref.npz")
 
 
 def test_evaluate_seed_ranges_min_mean_and_report(tmp_path):
@@ -361,8 +361,8 @@ def test_evaluate_seed_ranges_min_mean_and_report(tmp_path):
     samples = torch.randint(0, 256, (30, 3, 8, 8), generator=g, dtype=torch.uint8)
     reals = torch.randint(40, 216, (40, 3, 8, 8), generator=g, dtype=torch.uint8)
     ext = StandIn(192, dim=16, seed=1)
-    mu_r, sigma_r, n_r = fid.compute_statistics(reals, ext, batch_size=16, allow_small=True, progress=False)
-    fid.save_reference(tmp_path / "ref.npz", mu_r, sigma_r, {"resolution": [8, 8], "count": n_r})
+    mu_r, sigma_r, n_r = frechet.compute_statistics(reals, ext, batch_size=16, allow_small=True, progress=False)
+    frechet.save_reference(tmp_path / "ref.npz", mu_r, sigma_r, {"resolution": [8, 8], "count": n_r})
     d = tmp_path / "samples"
     _write_pngs(d, samples)
     sampling = {
@@ -381,7 +381,7 @@ def test_evaluate_seed_ranges_min_mean_and_report(tmp_path):
     values = []
     for k, r in enumerate(report["runs"]):
         f = ext(samples[10 * k : 10 * k + 10]).double().numpy()
-        expect = fid.frechet_distance(f.mean(0), np.cov(f, rowvar=False), mu_r, sigma_r)
+        expect = frechet.frechet_distance(f.mean(0), np.cov(f, rowvar=False), mu_r, sigma_r)
         assert r["fid"] == pytest.approx(expect, rel=1e-9)
         assert r["num_samples"] == 10 and r["resolution"] == [8, 8] and r["source"] == "png"
         assert (r["solver"], r["nfe"], r["cfg"], r["guidance_interval"]) == ("nfe-guided", 35, 1.5, [0.3, 2.9])
@@ -390,11 +390,11 @@ def test_evaluate_seed_ranges_min_mean_and_report(tmp_path):
         values.append(r["fid"])
     assert report["fid_min"] == min(values) and report["fid"] == min(values)
     assert report["fid_mean"] == pytest.approx(np.mean(values), rel=1e-12)
-    assert report["reference"]["sha256"] == fid.sha256_file(tmp_path / "ref.npz")
+    assert report["reference"]["sha256"] == checksums.sha256_file(tmp_path / "ref.npz")
     json.dumps(report)  # serializable as fid.json
     with pytest.raises(FIDError, match=r"lacks 15 of the 20 requested seeds \(first missing: 30-44\)"):
         fid.evaluate([d], tmp_path / "ref.npz", ext, seeds=["0-9", "25-44"], allow_small=True, progress=False)
-    fid.save_reference(tmp_path / "ref16.npz", mu_r, sigma_r, {"resolution": [16, 16]})
+    frechet.save_reference(tmp_path / "ref16.npz", mu_r, sigma_r, {"resolution": [16, 16]})
     with pytest.raises(FIDError, match=r"built at 16x16.*--resolution 8"):
         fid.evaluate([d], tmp_path / "ref16.npz", ext, allow_small=True, progress=False)
 
@@ -407,27 +407,27 @@ def test_missing_weights_is_a_clear_error_offline(tmp_path, monkeypatch, capsys)
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
     monkeypatch.setattr(urllib.request, "urlopen", _no_network)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_network)
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
     monkeypatch.setattr(fe, "load_state_dict_from_url", _no_network)
     expected_path = tmp_path / "torch_home" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
-    assert fid.default_weights_path() == expected_path
+    assert inception.default_weights_path() == expected_path
     with pytest.raises(FIDError) as ei:
-        fid.load_feature_extractor()
+        inception.load_feature_extractor()
     msg = str(ei.value)
     assert "--inception-weights" in msg and fe.URL_INCEPTION_V3 in msg and str(expected_path) in msg
     with pytest.raises(FIDError, match=r"nope\.pth does not exist.*--inception-weights"):
-        fid.load_feature_extractor(tmp_path / "nope.pth")
+        inception.load_feature_extractor(tmp_path / "nope.pth")
     # the env variable is honoured and checked
-    monkeypatch.setenv(fid.WEIGHTS_ENV, str(tmp_path / "env.pth"))
-    with pytest.raises(FIDError, match=fid.WEIGHTS_ENV):
-        fid.load_feature_extractor()
-    monkeypatch.delenv(fid.WEIGHTS_ENV)
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / "env.pth"))
+    with pytest.raises(FIDError, match=inception.WEIGHTS_ENV):
+        inception.load_feature_extractor()
+    monkeypatch.delenv(inception.WEIGHTS_ENV)
     # CLI: exit code 2 and the same advice
     _write_pngs(tmp_path / "s", torch.zeros((3, 3, 8, 8), dtype=torch.uint8))
-    fid.save_reference(tmp_path / "ref.npz", np.zeros(4), np.eye(4))
+    frechet.save_reference(tmp_path / "ref.npz", np.zeros(4), np.eye(4))
     rc = fid.main(["--ref", str(tmp_path / "ref.npz"), str(tmp_path / "s"), "--allow-small"])
     err = capsys.readouterr().err
     assert rc == 2 and "--inception-weights" in err and fe.URL_INCEPTION_V3 in err
@@ -436,10 +436,10 @@ def test_missing_weights_is_a_clear_error_offline(tmp_path, monkeypatch, capsys)
 def test_unusable_weight_files_are_refused(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(FIDError, match="weights_only=True"):
-        fid.load_feature_extractor(tmp_path / "junk.pth", device="cpu")
+        inception.load_feature_extractor(tmp_path / "junk.pth", device="cpu")
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     with pytest.raises(FIDError, match="do not fit torch-fidelity"):
-        fid.load_feature_extractor(tmp_path / "other.pth", device="cpu")
+        inception.load_feature_extractor(tmp_path / "other.pth", device="cpu")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -472,7 +472,7 @@ def inception_weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def extractor(inception_weights):
     with pytest.warns(RuntimeWarning, match="not torch-fidelity's published file"):
-        ext = fid.load_feature_extractor(inception_weights)  # device from latentdiff.dist.device()
+        ext = inception.load_feature_extractor(inception_weights)  # device from latentdiff.dist.device()
     return ext
 
 
@@ -503,8 +503,8 @@ def real_reference(tmp_path_factory, inception_weights, real_sets):
 
 def test_real_network_reference_tool_and_extractor(extractor, inception_weights, real_reference, real_sets):
     assert extractor.weights_path == inception_weights and not extractor.official
-    assert extractor.weights_sha256 == fid.sha256_file(inception_weights)
-    ref = fid.load_reference(real_reference / "ref.npz")
+    assert extractor.weights_sha256 == checksums.sha256_file(inception_weights)
+    ref = frechet.load_reference(real_reference / "ref.npz")
     prov = ref.provenance
     assert prov["count"] == N_REAL and prov["resolution"] == [64, 64] and prov["skipped"] == 0
     assert prov["preprocessing"]["mode"] == "adm" and prov["world_size"] == 1
@@ -546,9 +546,9 @@ def test_real_network_fid_cli_crops_vs_noise(tmp_path, inception_weights, real_r
     assert noise_run["fid"] > 20.0 and noise_run["fid"] > 50 * crops_run["fid"]
     assert report["fid_min"] == crops_run["fid"]
     assert report["fid_mean"] == pytest.approx((crops_run["fid"] + noise_run["fid"]) / 2)
-    assert report["reference"]["sha256"] == fid.sha256_file(real_reference / "ref.npz")
+    assert report["reference"]["sha256"] == checksums.sha256_file(real_reference / "ref.npz")
     assert report["reference"]["provenance"]["count"] == N_REAL
-    assert report["feature_extractor"]["weights_sha256"] == fid.sha256_file(inception_weights)
+    assert report["feature_extractor"]["weights_sha256"] == checksums.sha256_file(inception_weights)
     assert report["metric"].startswith("frechet-distance (non-official")
     assert crops_run["seeds"] == f"0-{N_REAL - 1}" and noise_run["seeds"] is None
     assert (crops_run["solver"], crops_run["nfe"], crops_run["export_hash"]) == ("nfe-guided", 35, "abc123")
@@ -569,9 +569,9 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     assert ldist.init_distributed(timeout_minutes=2)
     try:
         imgs = _multirank_images()
-        mu, sigma, n = fid.compute_statistics(imgs, StandIn(48), batch_size=5, allow_small=True, progress=False)
+        mu, sigma, n = frechet.compute_statistics(imgs, StandIn(48), batch_size=5, allow_small=True, progress=False)
         batches = [imgs[i : i + 4] for i in range(0, len(imgs), 4)]
-        mu_b, sigma_b, n_b = fid.compute_statistics(batches, StandIn(48), shard=True, allow_small=True, progress=False)
+        mu_b, sigma_b, n_b = frechet.compute_statistics(batches, StandIn(48), shard=True, allow_small=True, progress=False)
 
         def fails_on_rank1(x):
             if rank == 1:
@@ -580,7 +580,7 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
         fails_on_rank1.feature_dim = 24
         try:
-            fid.compute_statistics(imgs, fails_on_rank1, batch_size=5, allow_small=True, progress=False)
+            frechet.compute_statistics(imgs, fails_on_rank1, batch_size=5, allow_small=True, progress=False)
             err = ""
         except FIDError as e:
             err = str(e)
@@ -599,7 +599,7 @@ def test_two_ranks_accumulate_like_one(tmp_path):
 
     mp.spawn(_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     imgs = _multirank_images()
-    mu1, sigma1, n1 = fid.compute_statistics(imgs, StandIn(48), batch_size=8, allow_small=True, progress=False)
+    mu1, sigma1, n1 = frechet.compute_statistics(imgs, StandIn(48), batch_size=8, allow_small=True, progress=False)
     feats = StandIn(48)(imgs).double().numpy()
     r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in (0, 1))
     for r in (r0, r1):
@@ -619,7 +619,7 @@ def test_two_ranks_accumulate_like_one(tmp_path):
 def test_reference_tool_under_torchrun_two_ranks(tmp_path, inception_weights, real_reference):
     out = tmp_path / "ref2.npz"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_HOME=str(tmp_path / "empty_torch_home"), OMP_NUM_THREADS="1")
-    env.pop(fid.WEIGHTS_ENV, None)
+    env.pop(inception.WEIGHTS_ENV, None)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(ROOT / "tools" / "fid_reference.py"), str(real_reference / "images"), "--resolution", "64",
@@ -628,8 +628,8 @@ def test_reference_tool_under_torchrun_two_ranks(tmp_path, inception_weights, re
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = fid.load_reference(real_reference / "ref.npz")
-    two = fid.load_reference(out)
+    one = frechet.load_reference(real_reference / "ref.npz")
+    two = frechet.load_reference(out)
     assert two.provenance["world_size"] == 2 and two.provenance["count"] == N_REAL
     np.testing.assert_allclose(two.mu, one.mu, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(two.sigma, one.sigma, rtol=1e-4, atol=1e-7)

@@ -20,7 +20,7 @@ from latentdiff.noise import (
     vp_sigma_inv,
     wsnr_aligned,
 )
-from latentdiff.spectral import power_spectrum, wsnr
+from latentdiff.spectral import wsnr
 
 
 def _gen(seed=0):

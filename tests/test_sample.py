@@ -108,7 +108,8 @@ def png_array(path):
 
 def test_parse_seeds_and_sigma_max_choices():
     from latentdiff.noise import EDM_SIGMA_MAX
-    from latentdiff.sample import parse_seeds, resolve_sigma_max
+    from latentdiff.generation import resolve_sigma_max
+    from latentdiff.sample import parse_seeds
 
     assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
     assert parse_seeds("7, 3,10-11") == [7, 3, 10, 11]
@@ -168,7 +169,7 @@ def test_exact_count_lossless_png_and_npz(real_export, tmp_path):
 
 def test_identical_across_batch_sizes_and_padding(real_export, loaded, tmp_path):
     """Same seeds, different --batch / --decode-batch -> the same PNG bytes; padding leaves real rows unchanged."""
-    from latentdiff.sample import generate_latents
+    from latentdiff.generation import generate_latents
 
     ref = None
     for batch, dec in ((3, 8), (7, 2), (4, 5)):
@@ -295,7 +296,7 @@ def test_sigma_max_choice_reaches_the_grid(real_export, tmp_path, loaded):
 def test_cfg_scale_one_is_the_conditional_model(real_export, loaded, tmp_path, monkeypatch):
     """T15: w = 1 is exactly the conditional model; w != 1 is recorded, runs 2x rows inside the interval only."""
     from latentdiff.guidance import guided_denoiser
-    from latentdiff.sample import decode_to_uint8, load_vae_for
+    from latentdiff.decoding import decode_to_uint8, load_vae_for
     from latentdiff.solvers import sample
 
     den, meta = loaded
@@ -327,7 +328,7 @@ def test_cfg_scale_one_is_the_conditional_model(real_export, loaded, tmp_path, m
     with np.load(tmp_path / "w3" / "samples.npz") as z:
         assert np.array_equal(z["arr_1"], labels.numpy())  # the same classes, guided
     # a per-image sigma grid (auto) with an interval: both halves always run, so the forward shape is fixed
-    from latentdiff.sample import FIXED_GRID_SOLVERS
+    from latentdiff.generation import FIXED_GRID_SOLVERS
     from latentdiff.solvers import SAMPLERS
 
     adaptive = [m for m in SAMPLERS if m not in FIXED_GRID_SOLVERS]
@@ -362,7 +363,7 @@ def test_decode_applies_the_exact_inverse_normalization(tiny_dataset, loaded):
     """T1: image -> VAE mean -> export normalization -> decode_to_uint8 == the VAE's own reconstruction."""
     from latentdiff.autoencoder import Autoencoder, Normalization
     from latentdiff.data.photos import random_crops
-    from latentdiff.sample import decode_to_uint8, load_vae_for, to_uint8
+    from latentdiff.decoding import decode_to_uint8, load_vae_for, to_uint8
 
     _, meta = loaded
     ae = load_vae_for(meta["vae"])
@@ -397,7 +398,7 @@ def test_decode_is_untiled_fp32_outside_autocast_even_if_the_caller_enabled_tili
     """T20: the VAE object itself decodes whole images in fp32 with autocast off -- checked inside its
     forward, with tiling and slicing switched on by the caller and a bf16 autocast around the call."""
     from latentdiff.autoencoder import Normalization
-    from latentdiff.sample import decode_to_uint8, load_vae_for
+    from latentdiff.decoding import decode_to_uint8, load_vae_for
 
     _, meta = loaded
     ae = load_vae_for(meta["vae"])
@@ -502,7 +503,7 @@ def test_vp_bridge_closed_form(tmp_path):
     """DiffusersEpsNet + VPPrecond: D(x; s) = x - s eps(x / sqrt(1 + s^2), 999 t(s)), t = sigma^-1 (edm.txt Table 1)."""
     from diffusers import UNet2DModel
 
-    from latentdiff.sample import load_diffusers_unet
+    from latentdiff.vp_bridge import load_diffusers_unet
 
     path = make_unet(tmp_path / "unet")
     den, meta = load_diffusers_unet(path)

@@ -160,7 +160,6 @@ def _load_all(root):
 
 
 def _all_batches(ds):
-    e = 0
     ds.set_epoch(0)
     yield from ds
 

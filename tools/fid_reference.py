@@ -33,6 +33,7 @@ import torch
 
 from latentdiff import dist as ldist
 from latentdiff import fid as F
+from latentdiff import frechet, image_sources, inception
 from latentdiff.errors import FIDError, LatentdiffError
 
 PREPROCESSING = {
@@ -46,7 +47,7 @@ PREPROCESSING = {
 MAX_SKIPS_LISTED = 100
 
 
-class ReferenceImages(F.ImageSource):
+class ReferenceImages(image_sources.ImageSource):
     """Listed inputs (files / tar members / npz rows) -> preprocessed uint8 images at ``resolution``."""
 
     def __init__(self, entries: list, resolution: int, preprocess: str, min_size: int, description: str):
@@ -137,7 +138,7 @@ def _list_entries(inputs: list[str]) -> tuple[list, list[dict]]:
             raise FIDError(f"input {raw} is given twice; its images would be counted twice")
         seen.add(path.resolve())
         if path.is_file() and path.name.lower().endswith(".npz"):
-            arr = F.read_npz_array(path, "arr_0")
+            arr = image_sources.read_npz_array(path, "arr_0")
             if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
                 raise FIDError(f"{path}: arr_0 has shape {arr.shape} and dtype {arr.dtype}; expected uint8 (N, H, W, 3)")
             entries.extend(("npz", str(path), arr, i) for i in range(arr.shape[0]))
@@ -164,9 +165,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", choices=sorted(PREPROCESSING), default="adm", help="adm (default): ADM center crop")
     p.add_argument("--min-size", type=int, default=0, help="skip images whose short side is below this (default 0: keep all)")
     p.add_argument("--max-images", type=int, help="use only the first N listed images")
-    p.add_argument("--inception-weights", help=f"torch-fidelity Inception state dict (default: ${F.WEIGHTS_ENV} or the torch hub cache)")
+    p.add_argument("--inception-weights", help=f"torch-fidelity Inception state dict (default: ${inception.WEIGHTS_ENV} or the torch hub cache)")
     p.add_argument("--download-weights", action="store_true", help="explicitly download the official weights first")
-    p.add_argument("--allow-small", action="store_true", help=f"allow fewer than {F.MIN_SAMPLES} images (smoke tests only)")
+    p.add_argument("--allow-small", action="store_true", help=f"allow fewer than {frechet.MIN_SAMPLES} images (smoke tests only)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", help="torch device (default: this rank's accelerator device)")
     p.add_argument("--no-progress", action="store_true")
@@ -192,13 +193,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             entries = entries[: args.max_images]
         if not entries:
             raise FIDError(f"no images found in {', '.join(args.inputs)}")
-        F._check_count(len(entries), args.allow_small, F.MIN_SAMPLES, ", ".join(args.inputs))
+        F.check_count(len(entries), args.allow_small, frechet.MIN_SAMPLES, ", ".join(args.inputs))
         initialized_here = ldist.init_distributed()
         if ldist.get_world_size() > 1:
             prefix = f"fid_reference[rank {ldist.get_rank()}]"
-        extractor = F.load_feature_extractor(args.inception_weights, device=args.device, download=args.download_weights)
+        extractor = inception.load_feature_extractor(args.inception_weights, device=args.device, download=args.download_weights)
         images = ReferenceImages(entries, args.resolution, args.preprocess, args.min_size, ", ".join(args.inputs))
-        mu, sigma, n = F.compute_statistics(
+        mu, sigma, n = frechet.compute_statistics(
             images,
             extractor,
             args.batch_size,
@@ -208,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         skipped = images.skipped
         num_skipped = images.num_skipped
-        if F._distributed():
+        if F.is_distributed():
             import torch.distributed as dist
 
             gathered: list = [None] * ldist.get_world_size()
@@ -217,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped = [s for g in gathered for s in g[1]][:MAX_SKIPS_LISTED]
         if ldist.get_rank() == 0:
             provenance = {
-                "format": F.REFERENCE_FORMAT,
+                "format": frechet.REFERENCE_FORMAT,
                 "source": [str(Path(x).resolve()) for x in args.inputs],
                 "source_type": "images",
                 "count": n,
@@ -231,14 +232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "mode": args.preprocess,
                     "description": PREPROCESSING[args.preprocess],
                     "min_size": args.min_size,
-                    "to_extractor": "uint8 RGB NCHW; " + F.RESIZE_DESCRIPTION,
+                    "to_extractor": "uint8 RGB NCHW; " + inception.RESIZE_DESCRIPTION,
                 },
                 "feature_extractor": extractor.describe(),
                 "world_size": ldist.get_world_size(),
                 "created": F._now(),
                 "command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
             }
-            npz, prov = F.save_reference(out, mu, sigma, provenance)
+            npz, prov = frechet.save_reference(out, mu, sigma, provenance)
             print(f"reference statistics of {n} images ({num_skipped} skipped) -> {npz} + {prov.name}")
         return 0
     except LatentdiffError as e:

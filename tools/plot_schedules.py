@@ -49,10 +49,8 @@ def photo_sources(resolutions, num, seed) -> list[Source]:
 
 def dataset_sources(root: Path, normalization: str, sigma_target: float, max_points: int) -> tuple[list[Source], torch.Tensor]:
     """(the dataset's model-space latents as a Source, its 64x64 RGB reference spectrum)."""
-    from latentdiff.autoencoder import Normalization
     from latentdiff.data.reader import LatentShardDataset
     from latentdiff.data.stats import DatasetStats
-    from latentdiff.training.config import TrainConfig
     from latentdiff.training.schedule import model_space_power
 
     stats = DatasetStats.load(root)

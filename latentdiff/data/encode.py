@@ -45,10 +45,9 @@ from ..errors import DataError, EncodeError
 from .images import DEFAULT_MAX_PIXELS, ImageSkip, load_and_preprocess
 from .inputs import InputItem, list_inputs, read_item_bytes
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, check_or_write_fingerprint
+from ..atomic import atomic_write_bytes, atomic_write_json
 from .shards import (
     ShardSample,
-    atomic_write_bytes,
-    atomic_write_json,
     npy_load,
     read_shard_verified,
     shard_name,

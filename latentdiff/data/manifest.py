@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from ..errors import DataError, EncodeError
-from .shards import atomic_write_json
+from ..atomic import atomic_write_json
 
 __all__ = [
     "FORMAT",

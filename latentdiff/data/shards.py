@@ -37,8 +37,6 @@ __all__ = [
     "iter_tar_bytes",
     "read_shard_verified",
     "sha256_file",
-    "atomic_write_bytes",
-    "atomic_write_json",
 ]
 
 SHARD_PATTERN = "shard-%06d.tar"
@@ -193,17 +191,3 @@ def read_shard_verified(path: str | Path, name: str | None = None, keep: tuple[s
         while br.read(1 << 20):
             pass
         return samples, hr.h.hexdigest(), f.tell()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())

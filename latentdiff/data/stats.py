@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..errors import DataError
 from ..noise import DistanceStats
 from ..spectral import SpectrumAccumulator, power_spectrum
-from .shards import atomic_write_bytes, atomic_write_json
+from ..atomic import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "STATS_FORMAT_VERSION",

@@ -21,6 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..atomic import atomic_write_text
 from ..dist import barrier, get_rank
 from ..errors import TrainError
 
@@ -46,12 +47,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     _fsync_dir(path.parent)
 
 

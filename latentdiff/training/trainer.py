@@ -514,7 +514,8 @@ class Trainer:
         d = self._ema_denoiser(rate)  # collective under ZeRO-3, then rank 0 only: no collectives below
         if d is None:
             return
-        from ..sample import decode_to_uint8, generate_latents, image_grid
+        from ..decoding import decode_to_uint8, image_grid
+        from ..generation import generate_latents
 
         n = self.cfg.sample_count
         labels = (torch.arange(n) % self.num_classes) if self.num_classes > 0 else None

@@ -155,8 +155,10 @@ def write_export(den, args, root: Path) -> Path:
 
 
 def pipeline(den, args, root: Path) -> dict:
+    from latentdiff.decoding import decode_to_uint8, load_vae_for
     from latentdiff.export import load_export
-    from latentdiff.sample import decode_to_uint8, generate_latents, load_vae_for, main
+    from latentdiff.generation import generate_latents
+    from latentdiff.sample import main
 
     exp = write_export(den, args, root)
     n = args.pipeline_images

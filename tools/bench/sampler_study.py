@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -149,7 +148,7 @@ def gaussian(f: np.ndarray):
 def frechet(a, b) -> float:
     import warnings
 
-    from latentdiff.fid import frechet_distance
+    from latentdiff.frechet import frechet_distance
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # rank-deficient sets take the eps * I fallback
@@ -216,7 +215,7 @@ def seed_noise(num: int, shape, num_classes: int):
 def run(args) -> dict:
     from latentdiff.autoencoder import Normalization
     from latentdiff.export import load_export
-    from latentdiff.sample import check_export_meta, resolve_sigma_max
+    from latentdiff.generation import check_export_meta, resolve_sigma_max
     from latentdiff.solvers import sample
 
     torch.manual_seed(0)
@@ -246,8 +245,9 @@ def run(args) -> dict:
     fid_ctx = None
     if args.inception_weights or args.fid == "auto":
         from latentdiff.errors import FIDError
-        from latentdiff.fid import compute_statistics, load_feature_extractor
-        from latentdiff.sample import decode_to_uint8, load_vae_for
+        from latentdiff.frechet import compute_statistics
+        from latentdiff.inception import load_feature_extractor
+        from latentdiff.decoding import decode_to_uint8, load_vae_for
 
         try:
             ext = load_feature_extractor(args.inception_weights, device="cpu")

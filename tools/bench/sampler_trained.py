@@ -40,7 +40,7 @@ def trained_denoiser(export: str, weights: str = "ema"):
 
 
 def run(args) -> dict:
-    from latentdiff.sample import resolve_sigma_max
+    from latentdiff.generation import resolve_sigma_max
 
     torch.set_grad_enabled(False)
     net, meta = trained_denoiser(args.export, args.weights)
