@@ -39,13 +39,13 @@ import torch
 import torch.distributed as tdist
 
 from .. import __version__
+from ..atomic import atomic_write_bytes, atomic_write_json
 from ..autoencoder import DEFAULT_VAE, PIXEL_RANGE, PRECISIONS, Autoencoder
 from ..dist import barrier, device, get_rank, get_world_size, init_distributed
 from ..errors import DataError, EncodeError
 from .images import DEFAULT_MAX_PIXELS, ImageSkip, load_and_preprocess
 from .inputs import InputItem, list_inputs, read_item_bytes
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, check_or_write_fingerprint
-from ..atomic import atomic_write_bytes, atomic_write_json
 from .shards import (
     ShardSample,
     npy_load,

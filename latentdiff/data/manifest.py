@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import DataError, EncodeError
 from ..atomic import atomic_write_json
+from ..errors import DataError, EncodeError
 
 __all__ = [
     "FORMAT",

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_write_bytes, atomic_write_json
 from ..errors import DataError
 from ..noise import DistanceStats
 from ..spectral import SpectrumAccumulator, power_spectrum
-from ..atomic import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "STATS_FORMAT_VERSION",
