@@ -28,7 +28,7 @@ __all__ = [
 DEFAULT_SOLVER = DEFAULT_SAMPLER
 # solvers whose noise levels do not depend on the denoiser (one grid for every image); any other
 # solver (``auto``: a grid per image from its data-scale estimate) is treated as adaptive
-FIXED_GRID_SOLVERS = frozenset({"euler", "heun", "midpoint", "ode3", "edm-stochastic", "hybrid", "nfe-guided"})
+FIXED_GRID_SOLVERS = frozenset({"euler", "heun", "midpoint", "ode3", "edm-stochastic", "hybrid", "nfe-guided", "dpm-2m", "dpm-3m"})
 
 
 def resolve_sigma_max(choice, meta: dict | None) -> float:

@@ -57,4 +57,4 @@ def dpm_solver_pp(
     if not return_info:
         return x
     sig = [float(s) for s in sched.sigmas]
-    return x, SampleInfo(method=f"dpm-solver++{order}m", nfe=counter.calls, sigmas=sig, eval_sigmas=counter.sigmas)
+    return x, SampleInfo(method=f"dpm-{order}m", nfe=counter.calls, sigmas=sig, eval_sigmas=counter.sigmas)

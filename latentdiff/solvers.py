@@ -79,6 +79,7 @@ __all__ = [
     "nfe_for_steps",
     "ideal_denoiser",
     "SAMPLERS",
+    "PEER_SAMPLERS",
 ]
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -406,7 +407,9 @@ def nfe_guided_sampler(
 
 # evaluations per non-final step of each fixed method
 _COST = {"euler": 1, "heun": 2, "midpoint": 2, "ode3": 3, "edm-stochastic": 2}
-SAMPLERS = ("auto", "euler", "heun", "midpoint", "ode3", "edm-stochastic", "hybrid", "nfe-guided")
+SAMPLERS = ("auto", "euler", "heun", "midpoint", "ode3", "edm-stochastic", "hybrid", "nfe-guided", "dpm-2m", "dpm-3m")
+# the peers of issue 5: multistep DPM-Solver++ through diffusers (latentdiff.peer_samplers)
+PEER_SAMPLERS = {"dpm-2m": 2, "dpm-3m": 3}
 # the default of sample() and of ``latentdiff-sample --solver`` (issue 5): ``auto`` is at least as accurate
 # as the best of EDM Heun / NFE-guided / DPM-Solver++ 2M/3M at every listed NFE on the default data of
 # tools/bench/sampler_accuracy.py and on three other data sets, and more accurate than the paper's
@@ -482,7 +485,9 @@ def sample(
     ``sigma_min``, ``sigma_max`` and ``rho``)
     | euler | heun (edm.txt Alg. 1) | midpoint | ode3 | edm-stochastic (edm.txt Alg. 2)
     | hybrid (wsnr.txt Alg. 2 with explicit ``steps``, ``is_midpoint``, ``num_ode3``)
-    | nfe-guided (wsnr.txt Alg. 1; needs ``nfe``).
+    | nfe-guided (wsnr.txt Alg. 1; needs ``nfe``)
+    | dpm-2m | dpm-3m (multistep DPM-Solver++ through diffusers' ``EDMDPMSolverMultistepScheduler`` on the
+    Eq. 5 grid, ``latentdiff.peer_samplers``; one evaluation per noise level, so ``steps`` = ``nfe``).
     Give either ``nfe`` (a budget, never exceeded) or ``steps`` (noise levels).  Returns x_0, or
     ``(x_0, SampleInfo)`` with ``return_info=True``; ``SampleInfo.nfe`` is the counted number of
     denoiser calls.
@@ -502,6 +507,11 @@ def sample(
         raise ValueError("the hybrid sampler (Alg. 2) takes steps=, is_midpoint= and num_ode3=; use nfe-guided for a budget")
     if (nfe is None) == (steps is None) and method not in ("nfe-guided", "hybrid"):
         raise ValueError(f"sampler {method!r}: give exactly one of nfe= or steps=")
+    if method in PEER_SAMPLERS:
+        from .peer_samplers import dpm_solver_pp  # lazy: peer_samplers imports this module (and diffusers)
+
+        return dpm_solver_pp(denoise, noise, nfe=int(nfe if nfe is not None else steps), sigma_min=sigma_min,
+                             sigma_max=sigma_max, rho=rho, order=PEER_SAMPLERS[method], return_info=return_info)
     counter = CountingDenoiser(denoise)
     plan = None
     if method == "nfe-guided":

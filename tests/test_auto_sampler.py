@@ -213,6 +213,29 @@ def test_sample_dispatches_auto_and_auto_is_the_default():
         sample(gaussian_denoiser, noise, method="auto", steps=5)
 
 
+def test_sample_offers_the_peers_dpm_2m_and_3m():
+    """The DPM-Solver++ peers are samplers of sample() (and so of the CLI): the same result as
+    peer_samplers.dpm_solver_pp, one evaluation per noise level (steps= and nfe= agree), counted."""
+    from latentdiff.peer_samplers import dpm_solver_pp
+
+    noise = _noise((2, 3, 4, 4))
+    for method, order in (("dpm-2m", 2), ("dpm-3m", 3)):
+        assert method in SAMPLERS
+        for nfe in (1, 2, 7):
+            calls = []
+
+            def den(x, s):
+                calls.append(float(s.reshape(-1)[0]))
+                return gaussian_denoiser(x, s)
+
+            out, info = sample(den, noise, method=method, nfe=nfe, sigma_max=40.0, return_info=True)
+            assert info.method == method and info.nfe == nfe == len(calls)
+            assert torch.equal(out, dpm_solver_pp(gaussian_denoiser, noise, nfe=nfe, sigma_max=40.0, order=order))
+            assert torch.equal(out, sample(gaussian_denoiser, noise, method=method, steps=nfe, sigma_max=40.0))
+        with pytest.raises(ValueError):
+            sample(gaussian_denoiser, noise, method=method, nfe=5, steps=5)
+
+
 # ----------------------------------------------------------------------------------------------
 # ideal denoiser vs the peers, on data the constants were not fitted on
 
