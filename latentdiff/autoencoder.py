@@ -107,7 +107,6 @@ class Autoencoder:
             if any(p.dtype != torch.float32 for p in vae.parameters()):
                 vae.float()
             vae.to(self.device)
-            self._whole_image()
 
     # ------------------------------------------------------------------------------------------
     @classmethod

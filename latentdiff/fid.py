@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from . import dist as ldist
-from . import seeds as _seeds
 from .atomic import atomic_write_json
 from .errors import FIDError
 from .frechet import (
@@ -54,6 +53,7 @@ from .image_sources import (
     open_samples,
     select_seeds,
 )
+from .image_sources import parse_seed_set as parse_seeds  # the FID CLI's --seeds (a set)
 from .inception import (
     WEIGHTS_ENV,
     download_inception_weights,
@@ -86,12 +86,6 @@ _SAMPLING_FIELDS = {
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
-    """``"0-49999"``, ``"0-9,20,30-39"`` (inclusive ranges) or a list of ints -> sorted unique seeds
-    (:class:`FIDError` on a malformed spec)."""
-    return _seeds.parse_seeds(spec, as_set=True, error=FIDError)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 
 from .decoding import is_pixel_vae
 from .errors import SampleError
-from .solvers import DEFAULT_SAMPLER
+from .solvers import DEFAULT_SAMPLER, FIXED_GRID_SAMPLERS
 
 __all__ = [
     "DEFAULT_SOLVER",
@@ -26,9 +26,7 @@ __all__ = [
 ]
 
 DEFAULT_SOLVER = DEFAULT_SAMPLER
-# solvers whose noise levels do not depend on the denoiser (one grid for every image); any other
-# solver (``auto``: a grid per image from its data-scale estimate) is treated as adaptive
-FIXED_GRID_SOLVERS = frozenset({"euler", "heun", "midpoint", "ode3", "edm-stochastic", "hybrid", "nfe-guided", "dpm-2m", "dpm-3m"})
+FIXED_GRID_SOLVERS = FIXED_GRID_SAMPLERS  # one grid for every image; any other solver is adaptive
 
 
 def resolve_sigma_max(choice, meta: dict | None) -> float:

@@ -32,6 +32,7 @@ __all__ = [
     "open_samples",
     "read_npz_array",
     "select_seeds",
+    "parse_seed_set",
     "as_uint8_nchw",
     "read_json",
 ]
@@ -45,7 +46,9 @@ def read_json(path: Path):
         raise FIDError(f"{path} is not valid JSON: {e}; fix or delete it") from e
 
 
-def _parse_seed_set(spec) -> list[int]:
+def parse_seed_set(spec) -> list[int]:
+    """FID ``--seeds``: ``"0-49999"``, ``"0-9,20,30-39"`` (inclusive ranges) or a list of ints -> sorted
+    unique seeds (:class:`FIDError` on a malformed spec)."""
     return parse_seeds(spec, as_set=True, error=FIDError)
 
 
@@ -287,7 +290,7 @@ def _seeds_from_sampling(sampling: Mapping | None) -> list[int] | None:
     s = sampling["seeds"]
     try:
         if isinstance(s, str):
-            return _parse_seed_set(s)
+            return parse_seed_set(s)
         if isinstance(s, Mapping) and "start" in s and ("stop" in s or "end" in s):
             stop = int(s["stop"]) if "stop" in s else int(s["end"]) + 1
             return list(range(int(s["start"]), stop))

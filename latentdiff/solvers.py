@@ -80,6 +80,7 @@ __all__ = [
     "ideal_denoiser",
     "SAMPLERS",
     "PEER_SAMPLERS",
+    "FIXED_GRID_SAMPLERS",
 ]
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -410,6 +411,9 @@ _COST = {"euler": 1, "heun": 2, "midpoint": 2, "ode3": 3, "edm-stochastic": 2}
 SAMPLERS = ("auto", "euler", "heun", "midpoint", "ode3", "edm-stochastic", "hybrid", "nfe-guided", "dpm-2m", "dpm-3m")
 # the peers of issue 5: multistep DPM-Solver++ through diffusers (latentdiff.peer_samplers)
 PEER_SAMPLERS = {"dpm-2m": 2, "dpm-3m": 3}
+# samplers whose noise levels do not depend on the denoiser (one grid for every image); ``auto``
+# places a grid per image from its data-scale estimate
+FIXED_GRID_SAMPLERS = frozenset(SAMPLERS) - {"auto"}
 # the default of sample() and of ``latentdiff-sample --solver`` (issue 5): ``auto`` is at least as accurate
 # as the best of EDM Heun / NFE-guided / DPM-Solver++ 2M/3M at every listed NFE on the default data of
 # tools/bench/sampler_accuracy.py and on three other data sets, and more accurate than the paper's
