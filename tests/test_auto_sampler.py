@@ -1,4 +1,4 @@
-"""latentdiff.auto_sampler: budget, final Euler step, exact coefficients, convergence, peers."""
+"""latentdiff.solvers.auto: budget, final Euler step, exact coefficients, convergence, peers."""
 import math
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff.auto_sampler import (
+from latentdiff.solvers.auto import (
     TAIL_BALANCE,
     _sigma_lo,
     auto_plan,
@@ -17,7 +17,7 @@ from latentdiff.auto_sampler import (
     kappa,
     tail_levels,
 )
-from latentdiff.noise import karras_sigmas
+from latentdiff.diffusion.grids import karras_sigmas
 from latentdiff.solvers import SAMPLERS, ideal_denoiser, sample
 
 MU, S = 0.3, 0.5  # Gaussian data N(MU, S^2 I)
@@ -199,7 +199,7 @@ def test_first_step_is_the_eq5_first_step(nfe):
 def test_sample_dispatches_auto_and_auto_is_the_default():
     """sample(method="auto") runs auto_sample (same result, exact budget); auto is the default of
     sample() and of the sampling CLI (issue 5), and the paper-exact nfe-guided stays available."""
-    from latentdiff.generation import DEFAULT_SOLVER
+    from latentdiff.solvers.registry import DEFAULT_SAMPLER as DEFAULT_SOLVER
     from latentdiff.solvers import DEFAULT_SAMPLER
 
     assert "auto" in SAMPLERS and "nfe-guided" in SAMPLERS
@@ -216,7 +216,7 @@ def test_sample_dispatches_auto_and_auto_is_the_default():
 def test_sample_offers_the_peers_dpm_2m_and_3m():
     """The DPM-Solver++ peers are samplers of sample() (and so of the CLI): the same result as
     peer_samplers.dpm_solver_pp, one evaluation per noise level (steps= and nfe= agree), counted."""
-    from latentdiff.peer_samplers import dpm_solver_pp
+    from latentdiff.solvers.dpm import dpm_solver_pp
 
     noise = _noise((2, 3, 4, 4))
     for method, order in (("dpm-2m", 2), ("dpm-3m", 3)):
@@ -252,7 +252,7 @@ def test_ideal_denoiser_at_least_as_accurate_as_peers(data_seed):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
     from sampler_accuracy import LastCall, make_dataset, nearest, reference
 
-    from latentdiff.peer_samplers import dpm_solver_pp
+    from latentdiff.solvers.dpm import dpm_solver_pp
 
     data = make_dataset("photos", 150, 12, seed=data_seed)
     den = ideal_denoiser(data)

@@ -10,14 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff.autoencoder import Normalization
-from latentdiff.data import LatentShardDataset, check_normalization, make_loader, sample_latent, verify_dataset
+from latentdiff.vae.normalization import Normalization
+from latentdiff.data import (
+    LatentShardDataset,
+    check_normalization,
+    make_loader,
+    sample_latent,
+    verify_dataset,
+)
 from latentdiff.data.encode import EncodeConfig, encode_dataset
 from latentdiff.data.manifest import load_manifest
 from latentdiff.data.shards import iter_tar_bytes, npy_load
 from latentdiff.data.stats import DatasetStats
 from latentdiff.data.synthetic import write_image_folder
-from latentdiff.errors import DataError
+from latentdiff.utils.errors import DataError
 
 RES = 16
 BS = 3

@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff.autoencoder import Autoencoder, Normalization
+from latentdiff.vae.autoencoder import Autoencoder
+from latentdiff.vae.normalization import Normalization
 from latentdiff.data.encode import EncodeConfig, encode_dataset, format_summary
 from latentdiff.data.images import ImageSkip, adm_center_crop, decode_image, load_and_preprocess, to_rgb
 from latentdiff.data.inputs import InputItem, list_inputs, read_item_bytes
@@ -29,7 +30,7 @@ from latentdiff.data.photos import load_photo
 from latentdiff.data.shards import iter_tar_bytes, npy_load, sha256_file
 from latentdiff.data.stats import DatasetStats, rgb64_power
 from latentdiff.data.synthetic import make_tiny_vae, write_image_folder, write_image_tar
-from latentdiff.errors import EncodeError
+from latentdiff.utils.errors import EncodeError
 
 RES = 32
 

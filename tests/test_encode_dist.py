@@ -131,7 +131,7 @@ def test_kill_dash_nine_then_resume_with_another_world_size_is_exactly_once(setu
 
 READER_SCRIPT = r'''
 import json, sys, torch
-from latentdiff.dist import init_distributed, get_rank, get_world_size, destroy
+from latentdiff.utils.dist import init_distributed, get_rank, get_world_size, destroy
 import torch.distributed as dist
 from latentdiff.data import make_loader
 init_distributed()

@@ -23,8 +23,10 @@ import pytest
 import scipy.linalg
 import torch
 
-from latentdiff import checksums, fid, frechet, image_sources, inception, seeds
-from latentdiff.errors import FIDError
+from latentdiff.utils import io as checksums, seeds
+from latentdiff.metrics import fid, frechet, image_sources, inception
+from latentdiff.cli import fid as fid_cli
+from latentdiff.utils.errors import FIDError
 
 ROOT = Path(__file__).resolve().parents[1]
 N_REAL = 12  # images per set through the real network (~0.2-0.4 s each on 2 CPU cores)
@@ -240,7 +242,7 @@ def test_refuses_fewer_than_2048_samples(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
     _write_pngs(tmp_path / "samples", torch.zeros((5, 3, 8, 8), dtype=torch.uint8))
     frechet.save_reference(tmp_path / "ref.npz", np.zeros(4), np.eye(4), {"resolution": [8, 8]})
-    rc = fid.main(["--ref", str(tmp_path / "ref.npz"), str(tmp_path / "samples")])
+    rc = fid_cli.main(["--ref", str(tmp_path / "ref.npz"), str(tmp_path / "samples")])
     err = capsys.readouterr().err
     assert rc == 2 and "only 5 images" in err and "--allow-small" in err and "weights" not in err
 
@@ -428,7 +430,7 @@ def test_missing_weights_is_a_clear_error_offline(tmp_path, monkeypatch, capsys)
     # CLI: exit code 2 and the same advice
     _write_pngs(tmp_path / "s", torch.zeros((3, 3, 8, 8), dtype=torch.uint8))
     frechet.save_reference(tmp_path / "ref.npz", np.zeros(4), np.eye(4))
-    rc = fid.main(["--ref", str(tmp_path / "ref.npz"), str(tmp_path / "s"), "--allow-small"])
+    rc = fid_cli.main(["--ref", str(tmp_path / "ref.npz"), str(tmp_path / "s"), "--allow-small"])
     err = capsys.readouterr().err
     assert rc == 2 and "--inception-weights" in err and fe.URL_INCEPTION_V3 in err
 
@@ -472,7 +474,7 @@ def inception_weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def extractor(inception_weights):
     with pytest.warns(RuntimeWarning, match="not torch-fidelity's published file"):
-        ext = inception.load_feature_extractor(inception_weights)  # device from latentdiff.dist.device()
+        ext = inception.load_feature_extractor(inception_weights)  # device from latentdiff.utils.dist.device()
     return ext
 
 
@@ -533,7 +535,7 @@ def test_real_network_fid_cli_crops_vs_noise(tmp_path, inception_weights, real_r
     out = tmp_path / "fid.json"
     with mock.patch.object(urllib.request, "urlopen", _no_network), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        rc = fid.main(["--ref", str(real_reference / "ref.npz"), str(crops_dir), str(noise_dir), "--inception-weights",
+        rc = fid_cli.main(["--ref", str(real_reference / "ref.npz"), str(crops_dir), str(noise_dir), "--inception-weights",
                        str(inception_weights), "--allow-small", "--batch-size", "8", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
@@ -564,7 +566,7 @@ def test_real_network_fid_cli_crops_vs_noise(tmp_path, inception_weights, real_r
 def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from latentdiff import dist as ldist
+    from latentdiff.utils import dist as ldist
 
     assert ldist.init_distributed(timeout_minutes=2)
     try:

@@ -1,13 +1,13 @@
-"""Label dropout and classifier-free guidance (latentdiff.guidance) around real backbones."""
+"""Label dropout and classifier-free guidance (latentdiff.diffusion.guidance) around real backbones."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from latentdiff.errors import ConfigError
-from latentdiff.guidance import drop_labels, guided_denoiser
+from latentdiff.utils.errors import ConfigError
+from latentdiff.diffusion.guidance import drop_labels, guided_denoiser
 from latentdiff.models import build
-from latentdiff.precond import EDMPrecond
+from latentdiff.diffusion.precond import EDMPrecond
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from latentdiff.data.photos import random_crops
-from latentdiff.errors import ConfigError
+from latentdiff.utils.errors import ConfigError
 from latentdiff.models import MODEL_NAMES, build, from_config, from_json, to_json
 from latentdiff.models.uvit import sinusoidal_embedding
-from latentdiff.precond import EDMPrecond, edm_loss
+from latentdiff.diffusion.precond import EDMPrecond, edm_loss
 
 @pytest.fixture(autouse=True)
 def _one_thread():

@@ -5,22 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff.noise import (
-    DistanceStats,
+from latentdiff.diffusion.distances import DistanceStats, data_driven_sigma_max, p_upper_bound
+from latentdiff.diffusion.noise import (
     IDDPMSigma,
     LogNormalSigma,
     VESigma,
     VPSigma,
-    data_driven_sigma_max,
-    iddpm_sigmas,
-    karras_sigmas,
-    p_upper_bound,
     sigma_distribution_from_dict,
-    vp_sigma,
-    vp_sigma_inv,
     wsnr_aligned,
 )
-from latentdiff.spectral import wsnr
+from latentdiff.diffusion.grids import iddpm_sigmas, karras_sigmas, vp_sigma, vp_sigma_inv
+from latentdiff.diffusion.spectral import wsnr
 
 
 def _gen(seed=0):

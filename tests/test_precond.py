@@ -6,8 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from latentdiff.noise import LogNormalSigma, iddpm_sigmas, vp_sigma
-from latentdiff.precond import EDMPrecond, IDDPMPrecond, VEPrecond, VPPrecond, build_precond, edm_loss
+from latentdiff.diffusion.noise import LogNormalSigma
+from latentdiff.diffusion.grids import iddpm_sigmas, vp_sigma
+from latentdiff.diffusion.precond import (
+    EDMPrecond,
+    IDDPMPrecond,
+    VEPrecond,
+    VPPrecond,
+    build_precond,
+    edm_loss,
+)
 
 SIGMAS = [0.002, 0.05, 0.5, 1.0, 3.7, 80.0]
 

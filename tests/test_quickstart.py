@@ -32,8 +32,8 @@ def test_quickstart_small(tmp_path):
     assert r["nfe_used"] <= r["nfe_requested"] == 15
     # the report's numbers are the dataset statistics' numbers
     from latentdiff.data.stats import DatasetStats
-    from latentdiff.noise import data_driven_sigma_max
-    from latentdiff.spectral import wsnr_constant
+    from latentdiff.diffusion.distances import data_driven_sigma_max
+    from latentdiff.diffusion.spectral import wsnr_constant
 
     st = DatasetStats.load(out / "data")
     mu, sd = st.distance_stats().moments()  # pixel space: identity normalization

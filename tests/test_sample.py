@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff.errors import SampleError
+from latentdiff.utils.errors import SampleError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def real_export(tiny_dataset, tmp_path_factory):
     _run(["-m", "latentdiff.train", "--config", "tiny-cpu", "--dataset", tiny_dataset, "--run-dir", run,
           "--max-steps", 4, "--checkpoint-every", 4, "--heldout-batch", 0,
           "--deepspeed_config", REPO / "ds_configs" / "zero2.json"])
-    _run(["-m", "latentdiff.export", run])
+    _run(["-m", "latentdiff.cli.export", run])
     out = run / "export" / "step_00000004"
     assert (out / "model.json").is_file()
     return out
@@ -57,7 +57,7 @@ def real_export(tiny_dataset, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def loaded(real_export):
-    from latentdiff.export import load_export
+    from latentdiff.contracts.export import load_export
 
     return load_export(real_export)
 
@@ -84,7 +84,7 @@ def make_unet(path, num_class_embeds=None, scheduler=None):
 
 
 def sample_cli(src, out, *extra, expect=0, flag="--export"):
-    from latentdiff.sample import main
+    from latentdiff.cli.sample import main
 
     rc = main([flag, str(src), "--out", str(out), "--no-progress", *map(str, extra)])
     assert rc == expect
@@ -107,9 +107,9 @@ def png_array(path):
 
 
 def test_parse_seeds_and_sigma_max_choices():
-    from latentdiff.noise import EDM_SIGMA_MAX
-    from latentdiff.generation import resolve_sigma_max
-    from latentdiff.sample import parse_seeds
+    from latentdiff.diffusion.grids import EDM_SIGMA_MAX
+    from latentdiff.sampling.options import resolve_sigma_max
+    from latentdiff.sampling.run import parse_seeds
 
     assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
     assert parse_seeds("7, 3,10-11") == [7, 3, 10, 11]
@@ -136,7 +136,7 @@ def test_parse_seeds_and_sigma_max_choices():
 
 def test_exact_count_lossless_png_and_npz(real_export, tmp_path):
     """T19: exactly the requested images (7 seeds, batch 3: no rounding), PNG == npz, FID reads the set."""
-    from latentdiff.fid import open_samples
+    from latentdiff.metrics.fid import open_samples
 
     out = tmp_path / "s"
     res = sample_cli(real_export, out, "--seeds", "0-6", "--batch", 3, "--nfe", 7, "--grid", 4)
@@ -160,7 +160,7 @@ def test_exact_count_lossless_png_and_npz(real_export, tmp_path):
                 "export_hash"):
         assert key in res, key
     assert res["ema_profile"] == "ema-0.999" and res["vae_decode_precision"] == "fp32" and res["vae_tiling"] is False
-    from latentdiff.export import export_hash
+    from latentdiff.contracts.export import export_hash
 
     assert res["export_hash"] == export_hash(real_export)
     src, sampling, _ = open_samples(out)  # the FID stage's reader: npz + seeds + sampling.json
@@ -169,7 +169,7 @@ def test_exact_count_lossless_png_and_npz(real_export, tmp_path):
 
 def test_identical_across_batch_sizes_and_padding(real_export, loaded, tmp_path):
     """Same seeds, different --batch / --decode-batch -> the same PNG bytes; padding leaves real rows unchanged."""
-    from latentdiff.generation import generate_latents
+    from latentdiff.solvers.generate import generate_latents
 
     ref = None
     for batch, dec in ((3, 8), (7, 2), (4, 5)):
@@ -229,7 +229,7 @@ def test_resume_redoes_only_missing_or_corrupt(real_export, tmp_path, capsys):
 
 
 def _counting_load_export(monkeypatch, counter):
-    import latentdiff.export as ex
+    import latentdiff.sampling.run as ex
 
     real = ex.load_export
 
@@ -288,7 +288,7 @@ def test_nfe_reported_equals_counted_calls_and_sigma_grid(real_export, tmp_path,
 
 
 def test_sigma_max_choice_reaches_the_grid(real_export, tmp_path, loaded):
-    from latentdiff.noise import VP_SIGMA_MAX
+    from latentdiff.diffusion.grids import VP_SIGMA_MAX
 
     _, meta = loaded
     for choice, want in (("data", meta["schedule"]["sigma_max"]), ("edm", 80.0), ("vp", VP_SIGMA_MAX), ("2.5", 2.5)):
@@ -300,8 +300,8 @@ def test_sigma_max_choice_reaches_the_grid(real_export, tmp_path, loaded):
 
 def test_cfg_scale_one_is_the_conditional_model(real_export, loaded, tmp_path, monkeypatch):
     """T15: w = 1 is exactly the conditional model; w != 1 is recorded, runs 2x rows inside the interval only."""
-    from latentdiff.guidance import guided_denoiser
-    from latentdiff.decoding import decode_to_uint8, load_vae_for
+    from latentdiff.diffusion.guidance import guided_denoiser
+    from latentdiff.vae.decode import decode_to_uint8, load_vae_for
     from latentdiff.solvers import sample
 
     den, meta = loaded
@@ -333,7 +333,7 @@ def test_cfg_scale_one_is_the_conditional_model(real_export, loaded, tmp_path, m
     with np.load(tmp_path / "w3" / "samples.npz") as z:
         assert np.array_equal(z["arr_1"], labels.numpy())  # the same classes, guided
     # a per-image sigma grid (auto) with an interval: both halves always run, so the forward shape is fixed
-    from latentdiff.generation import FIXED_GRID_SOLVERS
+    from latentdiff.solvers.registry import FIXED_GRID_SAMPLERS as FIXED_GRID_SOLVERS
     from latentdiff.solvers import SAMPLERS
 
     adaptive = [m for m in SAMPLERS if m not in FIXED_GRID_SOLVERS]
@@ -366,9 +366,10 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_decode_applies_the_exact_inverse_normalization(tiny_dataset, loaded):
     """T1: image -> VAE mean -> export normalization -> decode_to_uint8 == the VAE's own reconstruction."""
-    from latentdiff.autoencoder import Autoencoder, Normalization
+    from latentdiff.vae.autoencoder import Autoencoder
+    from latentdiff.vae.normalization import Normalization
     from latentdiff.data.photos import random_crops
-    from latentdiff.decoding import decode_to_uint8, load_vae_for, to_uint8
+    from latentdiff.vae.decode import decode_to_uint8, load_vae_for, to_uint8
 
     _, meta = loaded
     ae = load_vae_for(meta["vae"])
@@ -402,8 +403,8 @@ def test_decode_applies_the_exact_inverse_normalization(tiny_dataset, loaded):
 def test_decode_is_untiled_fp32_outside_autocast_even_if_the_caller_enabled_tiling(tiny_dataset, loaded):
     """T20: the VAE object itself decodes whole images in fp32 with autocast off -- checked inside its
     forward, with tiling and slicing switched on by the caller and a bf16 autocast around the call."""
-    from latentdiff.autoencoder import Normalization
-    from latentdiff.decoding import decode_to_uint8, load_vae_for
+    from latentdiff.vae.normalization import Normalization
+    from latentdiff.vae.decode import decode_to_uint8, load_vae_for
 
     _, meta = loaded
     ae = load_vae_for(meta["vae"])
@@ -508,7 +509,7 @@ def test_vp_bridge_closed_form(tmp_path):
     """DiffusersEpsNet + VPPrecond: D(x; s) = x - s eps(x / sqrt(1 + s^2), 999 t(s)), t = sigma^-1 (edm.txt Table 1)."""
     from diffusers import UNet2DModel
 
-    from latentdiff.vp_bridge import load_diffusers_unet
+    from latentdiff.models.diffusers_vp import load_diffusers_unet
 
     path = make_unet(tmp_path / "unet")
     den, meta = load_diffusers_unet(path)
@@ -532,7 +533,7 @@ def test_vp_bridge_closed_form(tmp_path):
 
 
 def test_vp_bridge_cli_and_schedule_checks(tmp_path, capsys):
-    from latentdiff.noise import VP_SIGMA_MAX
+    from latentdiff.diffusion.grids import VP_SIGMA_MAX
     from latentdiff.solvers import plan_nfe
 
     path = make_unet(tmp_path / "unet")

@@ -5,7 +5,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from latentdiff.noise import karras_sigmas
+from latentdiff.diffusion.grids import karras_sigmas
 from latentdiff.solvers import (
     H_TAU,
     TABLEAUX,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from latentdiff.data.photos import random_crops
-from latentdiff.spectral import (
+from latentdiff.diffusion.spectral import (
     SpectrumAccumulator,
     power_spectrum,
     radial_profile,
@@ -147,7 +147,7 @@ def test_wsnr_input_validation():
 
 
 def test_affine_power_spectrum_is_exact():
-    from latentdiff.spectral import affine_power_spectrum
+    from latentdiff.diffusion.spectral import affine_power_spectrum
 
     g = torch.Generator().manual_seed(9)
     y = torch.randn(500, 3, 6, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.3]).view(1, 3, 1, 1)

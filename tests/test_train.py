@@ -71,7 +71,7 @@ def assert_same(a, b):
 def test_bad_config_fails_before_any_process_group(tiny_dataset, tmp_path, capsys):
     import torch.distributed as dist
 
-    from latentdiff.train import main
+    from latentdiff.cli.train import main
 
     cases = [
         (["--lr", "-1"], "lr"),
@@ -94,17 +94,18 @@ def test_bad_config_fails_before_any_process_group(tiny_dataset, tmp_path, capsy
     assert p.returncode == 2 and "lr: -1.0 must be a positive number" in p.stderr, p.stderr[-2000:]
     assert "ZeRO" not in p.stdout and not (tmp_path / "r").exists()
     # unknown fields get a suggestion; a missing dataset names the tool
-    from latentdiff.errors import ConfigError
-    from latentdiff.training.config import load_config
+    from latentdiff.utils.errors import ConfigError
+    from latentdiff.training.config import TrainConfig
+    from latentdiff.utils.config import load_config
 
     with pytest.raises(ConfigError, match="did you mean lr"):
-        load_config("tiny-cpu", {"lrr": 1})
+        load_config(TrainConfig, "tiny-cpu", {"lrr": 1})
     with pytest.raises(ConfigError, match="encode_latents"):
-        load_config("tiny-cpu", {"dataset": str(tmp_path / "nope")}).validate()
+        load_config(TrainConfig, "tiny-cpu", {"dataset": str(tmp_path / "nope")}).validate()
 
 
 def test_batch_arithmetic_message():
-    from latentdiff.errors import ConfigError
+    from latentdiff.utils.errors import ConfigError
     from latentdiff.training.config import TrainConfig
 
     cfg = TrainConfig(dataset="", micro_batch=8, grad_accum=2, global_batch=64)
@@ -115,7 +116,7 @@ def test_batch_arithmetic_message():
 
 
 def test_wsnr_aligned_schedule_equals_analytic_shift(tiny_dataset):
-    from latentdiff.autoencoder import Normalization
+    from latentdiff.vae.normalization import Normalization
     from latentdiff.data.stats import DatasetStats
     from latentdiff.training.config import TrainConfig
     from latentdiff.training.schedule import resolve_schedule
@@ -373,7 +374,7 @@ def test_zero0_checkpoint_exports_through_weights_only_load(tiny_dataset, tmp_pa
     ckpt = run / "checkpoints" / "step_00000002"
     assert not list(ckpt.glob("*optim_states.pt")) and list(ckpt.glob("mp_rank_*_model_states.pt"))
     out = tmp_path / "export"
-    e = subprocess.run([sys.executable, "-m", "latentdiff.export", str(run), "--out", str(out)], env=_env(),
+    e = subprocess.run([sys.executable, "-m", "latentdiff.cli.export", str(run), "--out", str(out)], env=_env(),
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert e.returncode == 0, e.stderr[-3000:]
     module = torch.load(next(ckpt.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=True)["module"]

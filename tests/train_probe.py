@@ -14,10 +14,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from latentdiff import dist as ldist
-from latentdiff.train import parse_args
+from latentdiff.utils import dist as ldist
+from latentdiff.cli.train import parse_args
 from latentdiff.training import trainer as trainer_mod
-from latentdiff.training.config import config_from_args
+from latentdiff.training.config import TrainConfig
+from latentdiff.utils.config import config_from_args
 
 
 def main():
@@ -25,7 +26,7 @@ def main():
     argv = sys.argv[sys.argv.index("--") + 1 :]
     args = parse_args(argv)
     world = ldist.env_world_size()
-    cfg = config_from_args(args).validate(world)
+    cfg = config_from_args(TrainConfig, args).validate(world)
     ds = json.load(open(args.deepspeed_config)) if args.deepspeed_config else None
     ldist.init_distributed(single_process_group=True)
     draws = []
@@ -104,7 +105,8 @@ def main():
         all_draws, per_rank = [draws], [mine]
     ldist.barrier()
     if ldist.get_rank() == 0:
-        from latentdiff.export import export_checkpoint, load_export
+        from latentdiff.training.export import export_checkpoint
+        from latentdiff.contracts.export import load_export
         from latentdiff.training.checkpoint import find_latest
 
         ckpt = find_latest(tr.ckpt_root)

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from latentdiff.data.stats import DatasetStats, recompute_stats, relative_difference
-from latentdiff.errors import DataError
+from latentdiff.utils.errors import DataError
 
 
 def main(argv=None) -> int:

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentdiff import dist as ldist
-from latentdiff import fid as F
-from latentdiff import frechet, image_sources, inception
-from latentdiff.errors import FIDError, LatentdiffError
+from latentdiff.utils import dist as ldist
+from latentdiff.metrics import fid as F
+from latentdiff.metrics import frechet, image_sources, inception
+from latentdiff.utils.errors import FIDError, LatentdiffError
 
 PREPROCESSING = {
     "adm": (

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
-from latentdiff.noise import EDM_SIGMA_MAX, DistanceStats, LogNormalSigma, p_upper_bound, wsnr_aligned
-from latentdiff.spectral import power_spectrum, wsnr, wsnr_equivalent_sigma
+from latentdiff.diffusion.grids import EDM_SIGMA_MAX
+from latentdiff.diffusion.distances import DistanceStats, p_upper_bound
+from latentdiff.diffusion.noise import LogNormalSigma, wsnr_aligned
+from latentdiff.diffusion.spectral import power_spectrum, wsnr, wsnr_equivalent_sigma
 
 
 class Source:

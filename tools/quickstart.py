@@ -77,9 +77,9 @@ def data_grid(dataset: Path, out_png: Path, n: int = 64) -> None:
     import torch
     from PIL import Image
 
-    from latentdiff.autoencoder import Normalization
+    from latentdiff.vae.normalization import Normalization
     from latentdiff.data.reader import LatentShardDataset
-    from latentdiff.decoding import decode_to_uint8, image_grid
+    from latentdiff.vae.decode import decode_to_uint8, image_grid
 
     manifest = json.loads((dataset / "dataset.json").read_text())
     ds = LatentShardDataset(dataset, n, rank=0, world_size=1, num_workers=0, shuffle=True, verify="none", seed=1)

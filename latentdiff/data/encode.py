@@ -38,15 +38,15 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .. import __version__
-from ..atomic import atomic_write_bytes, atomic_write_json
-from ..autoencoder import DEFAULT_VAE, PIXEL_RANGE, PRECISIONS, Autoencoder
-from ..dist import barrier, device, get_rank, get_world_size, init_distributed
-from ..errors import DataError, EncodeError
-from .images import DEFAULT_MAX_PIXELS, ImageSkip, load_and_preprocess
-from .inputs import InputItem, list_inputs, read_item_bytes
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, check_or_write_fingerprint
-from .shards import (
+from latentdiff import __version__
+from latentdiff.utils.io import atomic_write_bytes, atomic_write_json
+from latentdiff.vae.autoencoder import DEFAULT_VAE, PIXEL_RANGE, PRECISIONS, Autoencoder
+from latentdiff.utils.dist import barrier, device, get_rank, get_world_size, init_distributed
+from latentdiff.utils.errors import DataError, EncodeError
+from latentdiff.data.images import DEFAULT_MAX_PIXELS, ImageSkip, load_and_preprocess
+from latentdiff.data.inputs import InputItem, list_inputs, read_item_bytes
+from latentdiff.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, check_or_write_fingerprint
+from latentdiff.data.shards import (
     ShardSample,
     npy_load,
     read_shard_verified,
@@ -54,7 +54,16 @@ from .shards import (
     sidecar_name,
     write_shard,
 )
-from .stats import RGB_REF_SIZE, ShardPartial, distance_partial, finalize_stats, point_mean, rgb64_power, shard_partial, shards_hash
+from latentdiff.data.stats import (
+    RGB_REF_SIZE,
+    ShardPartial,
+    distance_partial,
+    finalize_stats,
+    point_mean,
+    rgb64_power,
+    shard_partial,
+    shards_hash,
+)
 
 __all__ = ["EncodeConfig", "encode_dataset", "read_sidecar", "format_summary"]
 

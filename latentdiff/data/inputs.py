@@ -27,8 +27,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EncodeError
-from .images import IMAGE_EXTENSIONS, ImageSkip
+from latentdiff.utils.errors import EncodeError
+from latentdiff.data.images import IMAGE_EXTENSIONS, ImageSkip
 
 __all__ = ["InputItem", "Listing", "list_inputs", "read_item_bytes"]
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..atomic import atomic_write_json
-from ..errors import DataError, EncodeError
+from latentdiff.utils.io import atomic_write_json
+from latentdiff.utils.errors import DataError, EncodeError
 
 __all__ = [
     "FORMAT",

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from ..errors import DataError
-from .manifest import load_manifest
-from .shards import iter_tar, npy_load, sha256_file
-from .stats import DatasetStats
+from latentdiff.utils.errors import DataError
+from latentdiff.data.manifest import load_manifest
+from latentdiff.data.shards import iter_tar, npy_load, sha256_file
+from latentdiff.data.stats import DatasetStats
 
 __all__ = [
     "LatentShardDataset",
@@ -108,7 +108,7 @@ def verify_dataset(root: str | Path, manifest: dict | None = None, *, mode: str 
     every rank raises the same :class:`DataError`, which names each bad shard.  Also checks that
     ``stats.json`` describes these shards.
     """
-    from ..dist import get_rank, get_world_size
+    from latentdiff.utils.dist import get_rank, get_world_size
 
     root = Path(root)
     manifest = manifest or load_manifest(root)
@@ -221,7 +221,7 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         std_tol: float = 0.2,
     ) -> None:
         super().__init__()
-        from ..dist import get_rank, get_world_size
+        from latentdiff.utils.dist import get_rank, get_world_size
 
         self.root = Path(root)
         self.manifest = load_manifest(self.root)

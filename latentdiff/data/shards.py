@@ -21,8 +21,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import DataError
-from ..checksums import sha256_file
+from latentdiff.utils.errors import DataError
+from latentdiff.utils.io import sha256_file
 
 __all__ = [
     "SHARD_PATTERN",

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_write_bytes, atomic_write_json
-from ..errors import DataError
-from ..noise import DistanceStats
-from ..spectral import SpectrumAccumulator, power_spectrum
+from latentdiff.utils.io import atomic_write_bytes, atomic_write_json
+from latentdiff.utils.errors import DataError
+from latentdiff.diffusion.distances import DistanceStats
+from latentdiff.diffusion.spectral import SpectrumAccumulator, power_spectrum
 
 __all__ = [
     "STATS_FORMAT_VERSION",
@@ -356,8 +356,8 @@ def recompute_stats(root: str | Path, *, progress: bool = False) -> tuple[Datase
     in pixel space, recomputed from the stored float16 pixels (noted: differs by float16 rounding).
     Returns the statistics and a list of notes.
     """
-    from .manifest import load_manifest
-    from .shards import npy_load, read_shard_verified
+    from latentdiff.data.manifest import load_manifest
+    from latentdiff.data.shards import npy_load, read_shard_verified
 
     root = Path(root)
     manifest = load_manifest(root)

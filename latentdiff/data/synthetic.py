@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .photos import PHOTO_NAMES, load_photo
+from latentdiff.data.photos import PHOTO_NAMES, load_photo
 
 __all__ = ["TINY_VAE_CONFIG", "make_tiny_vae", "write_image_folder", "write_image_tar"]
 

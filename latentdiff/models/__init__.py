@@ -29,9 +29,9 @@ from typing import Callable
 
 from torch import nn
 
-from ..errors import ConfigError
-from .unet import UNet, UNetConfig, ddpmpp_preset, tiny_preset
-from .uvit import UViT, UViTConfig
+from latentdiff.utils.errors import ConfigError
+from latentdiff.models.unet import UNet, UNetConfig, ddpmpp_preset, tiny_preset
+from latentdiff.models.uvit import UViT, UViTConfig
 
 __all__ = ["MODEL_NAMES", "build", "from_config", "to_json", "from_json", "UViT", "UViTConfig", "UNet", "UNetConfig"]
 

@@ -35,8 +35,8 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from ..errors import ConfigError
-from ..guidance import resolve_null_label
+from latentdiff.utils.errors import ConfigError
+from latentdiff.diffusion.guidance import resolve_null_label
 
 __all__ = ["UNetConfig", "UNet", "ddpmpp_preset", "tiny_preset"]
 

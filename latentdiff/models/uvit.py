@@ -38,8 +38,8 @@ import torch.utils.checkpoint
 from timm.layers import Attention, Mlp, trunc_normal_
 from torch import nn
 
-from ..errors import ConfigError
-from ..guidance import resolve_null_label
+from latentdiff.utils.errors import ConfigError
+from latentdiff.diffusion.guidance import resolve_null_label
 
 __all__ = ["UViTConfig", "UViT", "sinusoidal_embedding"]
 

@@ -21,9 +21,9 @@ import os
 import shutil
 from pathlib import Path
 
-from ..atomic import atomic_write_text
-from ..dist import barrier, get_rank
-from ..errors import TrainError
+from latentdiff.utils.io import atomic_write_text
+from latentdiff.utils.dist import barrier, get_rank
+from latentdiff.utils.errors import TrainError
 
 __all__ = ["tag_for", "save_checkpoint", "find_latest", "load_trainer_state", "prune", "list_checkpoints"]
 

@@ -7,20 +7,16 @@ named by ``--config NAME`` (e.g. ``tiny-cpu``); ``--config path.yaml`` loads a f
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
-import yaml
+from latentdiff.utils.errors import ConfigError
 
-from ..errors import ConfigError
-
-__all__ = ["TrainConfig", "load_config", "add_config_flags", "config_from_args", "PRESETS", "RESUME_SAFE_FIELDS"]
+__all__ = ["TrainConfig", "RESUME_SAFE_FIELDS", "config_diff"]
 
 NORMALIZATIONS = ("sd", "channel")
 NOISES = ("wsnr", "edm", "vp", "ve")
@@ -30,6 +26,12 @@ RESUME_MODES = ("auto", "never", "must")
 
 @dataclass
 class TrainConfig:
+    # common names users try, and the field each stands for (suggested in the unknown-field error)
+    ALIASES: ClassVar[dict] = {"learning_rate": "lr", "batch_size": "micro_batch", "micro_batch_size": "micro_batch",
+               "gradient_accumulation_steps": "grad_accum", "ema_decay": "ema_rates", "ema_rate": "ema_rates",
+               "steps": "max_steps", "total_images": "duration_images", "warmup": "warmup_images",
+               "output_dir": "run_dir", "data": "dataset"}
+
     # where -----------------------------------------------------------------------------------
     run_dir: str = "runs/run"  # checkpoints/, export/, tb/, samples/ and config.json go here
     dataset: str = ""  # an encoded dataset (tools/encode_latents.py output)
@@ -133,7 +135,7 @@ class TrainConfig:
         if not isinstance(self.model_overrides, dict):
             e.append(f"model_overrides: {self.model_overrides!r} must be a mapping")
         else:
-            from ..models import MODEL_NAMES
+            from latentdiff.models import MODEL_NAMES
 
             if self.model not in MODEL_NAMES:
                 e.append(f"model: {self.model!r} is not one of {', '.join(MODEL_NAMES)}")
@@ -165,99 +167,6 @@ RESUME_SAFE_FIELDS = frozenset(
         "comm_timeout_minutes", "verify_shards", "fp16_max_min_scale_steps", "dataset",
     }
 )
-
-
-def _preset_names() -> list[str]:
-    try:
-        return sorted(p.name[:-5] for p in resources.files("latentdiff.configs").iterdir() if p.name.endswith(".yaml"))
-    except (ModuleNotFoundError, FileNotFoundError):
-        return []
-
-
-PRESETS = tuple(_preset_names())
-
-
-def _read_yaml(spec: str) -> dict:
-    path = Path(spec)
-    if path.is_file():
-        text = path.read_text()
-        where = str(path)
-    elif spec in _preset_names():
-        text = resources.files("latentdiff.configs").joinpath(spec + ".yaml").read_text()
-        where = f"preset {spec}"
-    else:
-        raise ConfigError(f"--config {spec}: no such file or preset; presets: {', '.join(_preset_names()) or 'none'}")
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of field: value")
-    return data
-
-
-def _coerce(name: str, value: Any, default: Any):
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{name}: {value!r} is not a boolean (true/false)")
-    if isinstance(default, int):
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            if isinstance(value, str):
-                try:
-                    f = float(value)
-                    if f.is_integer():
-                        return int(f)
-                except ValueError:
-                    pass
-            raise ConfigError(f"{name}: {value!r} is not an integer")
-        return int(value)
-    if isinstance(default, float):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: {value!r} is not a number") from None
-    if isinstance(default, (list, dict)):
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise ConfigError(f"{name}: {value!r} is not valid YAML") from None
-        if not isinstance(value, type(default)):
-            raise ConfigError(f"{name}: expected a {type(default).__name__}, got {value!r}")
-        return value
-    return str(value)
-
-
-def load_config(spec: str | None = None, overrides: dict | None = None) -> TrainConfig:
-    """A ``TrainConfig`` from a YAML file or preset name, then ``overrides`` (field -> value)."""
-    base = TrainConfig()
-    data = _read_yaml(spec) if spec else {}
-    data.update(overrides or {})
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        import difflib
-
-        hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, names, 1)) else u for u in unknown]
-        raise ConfigError(f"unknown config field(s): {', '.join(hints)}")
-    values = {k: _coerce(k, v, getattr(base, k)) for k, v in data.items()}
-    return dataclasses.replace(base, **values)
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help=f"YAML file or preset ({', '.join(PRESETS) or 'none'})")
-    group = parser.add_argument_group("TrainConfig fields (override the YAML)")
-    for f in dataclasses.fields(TrainConfig):
-        group.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None, metavar="V")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = {f.name: getattr(args, "cfg_" + f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, "cfg_" + f.name, None) is not None}
-    return load_config(args.config, overrides)
 
 
 def config_diff(old: dict, new: dict, ignore=RESUME_SAFE_FIELDS) -> list[str]:

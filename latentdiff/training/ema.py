@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ..errors import TrainError
+from latentdiff.utils.errors import TrainError
 
 __all__ = ["EMA", "consolidate", "is_zero3_param"]
 

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-from ..autoencoder import Normalization
-from ..data.manifest import load_manifest
-from ..data.stats import DatasetStats
-from ..errors import ConfigError
-from ..noise import EDM_SIGMA_MAX, LogNormalSigma, VESigma, VPSigma, data_driven_sigma_max, wsnr_aligned
-from ..spectral import affine_power_spectrum, wsnr_constant
+from latentdiff.vae.normalization import Normalization
+from latentdiff.data.manifest import load_manifest
+from latentdiff.data.stats import DatasetStats
+from latentdiff.utils.errors import ConfigError
+from latentdiff.diffusion.grids import EDM_SIGMA_MAX
+from latentdiff.diffusion.noise import LogNormalSigma, VESigma, VPSigma, wsnr_aligned
+from latentdiff.diffusion.distances import data_driven_sigma_max
+from latentdiff.diffusion.spectral import affine_power_spectrum, wsnr_constant
 
 __all__ = ["resolve_schedule", "model_space_power", "SCHEDULE_VERSION"]
 

@@ -20,19 +20,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import dist as ldist
-from ..autoencoder import Normalization
-from ..data.manifest import load_manifest
-from ..data.reader import LatentShardDataset, sample_latent
-from ..errors import ConfigError, TrainError
-from ..guidance import drop_labels
-from ..noise import sigma_distribution_from_dict
-from ..precond import EDMPrecond, edm_loss
-from .checkpoint import find_latest, load_trainer_state, save_checkpoint, tag_for
-from .config import TrainConfig, config_diff
-from .ema import EMA
-from .schedule import resolve_schedule
-from .tb import StepMetrics, TBWriter
+from latentdiff.utils import dist as ldist
+from latentdiff.vae.normalization import Normalization
+from latentdiff.data.manifest import load_manifest
+from latentdiff.data.reader import LatentShardDataset, sample_latent
+from latentdiff.utils.errors import ConfigError, TrainError
+from latentdiff.diffusion.guidance import drop_labels
+from latentdiff.diffusion.noise import sigma_distribution_from_dict
+from latentdiff.diffusion.precond import EDMPrecond, edm_loss
+from latentdiff.training.checkpoint import find_latest, load_trainer_state, save_checkpoint, tag_for
+from latentdiff.training.config import TrainConfig, config_diff
+from latentdiff.training.ema import EMA
+from latentdiff.training.schedule import resolve_schedule
+from latentdiff.training.tb import StepMetrics, TBWriter
+from latentdiff.models import build as build_model, from_config
 
 __all__ = ["Trainer", "build_ds_config", "fixed_batch", "step_seed"]
 
@@ -173,10 +174,8 @@ class Trainer:
         self.warmup_steps = math.ceil(cfg.warmup_images / self.global_batch) if cfg.warmup_images else 0
 
         # model + engine ---------------------------------------------------------------------------
-        from .. import models
-
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
-        net = models.build(cfg.model, in_channels=c, resolution=h, num_classes=self.num_classes, **cfg.model_overrides)
+        net = build_model(cfg.model, in_channels=c, resolution=h, num_classes=self.num_classes, **cfg.model_overrides)
         self.model_config = dict(net.config)
         self.null_label = net.null_label if self.num_classes > 0 else None  # the model's null class (CFG)
         denoiser = EDMPrecond(net, sigma_data=self.schedule["sigma_data"])
@@ -480,12 +479,10 @@ class Trainer:
     def _ema_denoiser(self, rate: float):
         """A plain (non-engine) copy of the denoiser with EMA weights on rank 0; None elsewhere.
         Collective under ZeRO-3 (every rank calls)."""
-        from .. import models
-
         state = self.ema.full_state(rate, dst=0)
         if not self.is_main:
             return None
-        net = models.from_config(self.model_config)
+        net = from_config(self.model_config)
         d = EDMPrecond(net, self.schedule["sigma_data"])
         missing, unexpected = d.load_state_dict(state, strict=False)
         params = {n for n, _ in d.named_parameters()}
@@ -514,8 +511,8 @@ class Trainer:
         d = self._ema_denoiser(rate)  # collective under ZeRO-3, then rank 0 only: no collectives below
         if d is None:
             return
-        from ..decoding import decode_to_uint8, image_grid
-        from ..generation import generate_latents
+        from latentdiff.vae.decode import decode_to_uint8, image_grid
+        from latentdiff.solvers.generate import generate_latents
 
         n = self.cfg.sample_count
         labels = (torch.arange(n) % self.num_classes) if self.num_classes > 0 else None

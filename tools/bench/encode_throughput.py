@@ -33,7 +33,7 @@ import torch
 
 
 def bench_encode(args, tmp: Path) -> dict:
-    from latentdiff.autoencoder import Autoencoder
+    from latentdiff.vae.autoencoder import Autoencoder
     from latentdiff.data.encode import EncodeConfig, encode_dataset
     from latentdiff.data.images import load_and_preprocess
     from latentdiff.data.synthetic import make_tiny_vae, write_image_folder

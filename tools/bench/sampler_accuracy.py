@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from latentdiff.noise import DistanceStats, data_driven_sigma_max, karras_sigmas
-from latentdiff.peer_samplers import dpm_solver_pp
+from latentdiff.diffusion.distances import DistanceStats, data_driven_sigma_max
+from latentdiff.diffusion.grids import karras_sigmas
+from latentdiff.solvers.dpm import dpm_solver_pp
 from latentdiff.solvers import ideal_denoiser, ode_step, sample
 
 DEFAULT_NFES = (7, 11, 15, 19, 23, 27, 35, 51, 79)

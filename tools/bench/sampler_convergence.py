@@ -58,11 +58,11 @@ EXPECTED = {  # textbook orders; "measured" rows are reported as found
 
 
 def _exp_adams(order: int, corrector: bool):
-    """auto's integrator (``latentdiff.auto_sampler.exp_adams_sampler``) on the Eq. 5 grid (rho 7)."""
+    """auto's integrator (``latentdiff.solvers.auto.exp_adams_sampler``) on the Eq. 5 grid (rho 7)."""
 
     def run(denoise, noise, nfe, smin, smax):
-        from latentdiff.auto_sampler import exp_adams_sampler
-        from latentdiff.noise import karras_sigmas
+        from latentdiff.solvers.auto import exp_adams_sampler
+        from latentdiff.diffusion.grids import karras_sigmas
 
         x = exp_adams_sampler(denoise, noise * smax, karras_sigmas(nfe, smin, smax), order=order, corrector=corrector)
         return denoise(x, torch.full((x.shape[0],), smin, dtype=x.dtype))

@@ -48,7 +48,7 @@ def _parse_override(items):
 
 def build_denoiser(args):
     from latentdiff import models
-    from latentdiff.precond import EDMPrecond
+    from latentdiff.diffusion.precond import EDMPrecond
 
     torch.manual_seed(0)
     net = models.build(args.model, in_channels=args.channels, resolution=args.resolution, num_classes=args.classes,
@@ -128,12 +128,13 @@ def overhead(den, args) -> list[dict]:
 
 
 def write_export(den, args, root: Path) -> Path:
-    """A hand-built export of ``den`` (as latentdiff.export.export_checkpoint writes it) with a tiny VAE."""
+    """A hand-built export of ``den`` (as latentdiff.training.export.export_checkpoint writes it) with a tiny VAE."""
     from safetensors.torch import save_file
 
-    from latentdiff.autoencoder import Autoencoder, Normalization
+    from latentdiff.vae.autoencoder import Autoencoder
+    from latentdiff.vae.normalization import Normalization
     from latentdiff.data.synthetic import make_tiny_vae
-    from latentdiff.export import EXPORT_FORMAT, EXPORT_VERSION
+    from latentdiff.contracts.export import EXPORT_FORMAT, EXPORT_VERSION
 
     vae_dir = make_tiny_vae(root / "vae", latent_channels=args.channels)
     vae = Autoencoder.load(str(vae_dir)).description()
@@ -155,10 +156,10 @@ def write_export(den, args, root: Path) -> Path:
 
 
 def pipeline(den, args, root: Path) -> dict:
-    from latentdiff.decoding import decode_to_uint8, load_vae_for
-    from latentdiff.export import load_export
-    from latentdiff.generation import generate_latents
-    from latentdiff.sample import main
+    from latentdiff.vae.decode import decode_to_uint8, load_vae_for
+    from latentdiff.contracts.export import load_export
+    from latentdiff.solvers.generate import generate_latents
+    from latentdiff.cli.sample import main
 
     exp = write_export(den, args, root)
     n = args.pipeline_images
@@ -181,11 +182,11 @@ def pipeline(den, args, root: Path) -> dict:
     z = z[:1].expand(args.batch, *z.shape[1:]).contiguous()
     t_dec = _time(lambda: decode_to_uint8(z, meta["normalization"], autoencoder=ae, batch_size=8))
     imgs = decode_to_uint8(z, meta["normalization"], autoencoder=ae, batch_size=8)
-    from latentdiff.sample import _save_png
+    from latentdiff.sampling.files import save_png
 
     tmp = root / "png"
     tmp.mkdir()
-    t_png = _time(lambda: [_save_png(im, tmp / f"{i}.png", {"seed": i}) for i, im in enumerate(imgs)])
+    t_png = _time(lambda: [save_png(im, tmp / f"{i}.png", {"seed": i}) for i, im in enumerate(imgs)])
     per = {"sample": t_gen / args.batch, "decode": t_dec / args.batch, "png": t_png / args.batch}
     total = sum(per.values())
     out_d = {"images": n, "image_size": res["image_size"], "nfe_used": res["nfe_used"],

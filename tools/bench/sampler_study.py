@@ -10,7 +10,7 @@ choice (``data`` = the export's data-driven value, wsnr.txt Eq. 7-8; ``edm`` = 8
 Solvers: Euler, EDM Heun, Midpoint, Ode3 (wsnr.txt Table 5, Alg. 3), the NFE-guided hybrid
 (Alg. 1-2), ``auto`` when ``latentdiff.solvers.SAMPLERS`` has it, and the peer a user would pick
 instead, DPM-Solver++ 2M/3M (diffusers' ``EDMDPMSolverMultistepScheduler`` through
-``latentdiff.peer_samplers``), all on the same Karras grid parameters, the same noise and the same labels
+``latentdiff.solvers.dpm``), all on the same Karras grid parameters, the same noise and the same labels
 (one generator per seed, exactly as ``latentdiff-sample`` draws them, so a row of the table can be
 reproduced with the CLI).  A fixed method spends at most the budget (e.g. Heun with an even budget
 leaves one evaluation unused); cells show the NFE actually used in parentheses when it is smaller.
@@ -99,7 +99,7 @@ def build_tiny(root: Path, steps: int, log=print) -> Path:
         raise SystemExit(f"training failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     log(f"  trained in {time.time() - t0:.0f} s")
     if not (export / "model.json").is_file():  # the trainer exports when it reaches the duration
-        p = subprocess.run([sys.executable, "-m", "latentdiff.export", str(root / "run")], env=env, capture_output=True,
+        p = subprocess.run([sys.executable, "-m", "latentdiff.cli.export", str(root / "run")], env=env, capture_output=True,
                            text=True, cwd=REPO)
         if p.returncode != 0:
             raise SystemExit(f"export failed:\n{p.stderr[-3000:]}")
@@ -148,7 +148,7 @@ def gaussian(f: np.ndarray):
 def frechet(a, b) -> float:
     import warnings
 
-    from latentdiff.frechet import frechet_distance
+    from latentdiff.metrics.frechet import frechet_distance
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # rank-deficient sets take the eps * I fallback
@@ -160,7 +160,7 @@ def frechet(a, b) -> float:
 
 
 def solver_table() -> dict:
-    from latentdiff.peer_samplers import dpm_solver_pp
+    from latentdiff.solvers.dpm import dpm_solver_pp
     from latentdiff.solvers import SAMPLERS, sample
 
     def ours(method):
@@ -213,9 +213,10 @@ def seed_noise(num: int, shape, num_classes: int):
 
 @torch.no_grad()
 def run(args) -> dict:
-    from latentdiff.autoencoder import Normalization
-    from latentdiff.export import load_export
-    from latentdiff.generation import check_export_meta, resolve_sigma_max
+    from latentdiff.vae.normalization import Normalization
+    from latentdiff.contracts.export import load_export
+    from latentdiff.contracts.export import check_export_meta
+    from latentdiff.sampling.options import resolve_sigma_max
     from latentdiff.solvers import sample
 
     torch.manual_seed(0)
@@ -244,10 +245,10 @@ def run(args) -> dict:
 
     fid_ctx = None
     if args.inception_weights or args.fid == "auto":
-        from latentdiff.errors import FIDError
-        from latentdiff.frechet import compute_statistics
-        from latentdiff.inception import load_feature_extractor
-        from latentdiff.decoding import decode_to_uint8, load_vae_for
+        from latentdiff.utils.errors import FIDError
+        from latentdiff.metrics.frechet import compute_statistics
+        from latentdiff.metrics.inception import load_feature_extractor
+        from latentdiff.vae.decode import decode_to_uint8, load_vae_for
 
         try:
             ext = load_feature_extractor(args.inception_weights, device="cpu")

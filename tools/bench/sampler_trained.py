@@ -33,14 +33,14 @@ DEFAULT_SOLVERS = ("EDM Heun", "NFE-guided", "DPM-Solver++ 2M", "DPM-Solver++ 3M
 
 def trained_denoiser(export: str, weights: str = "ema"):
     """(denoise(x, sigma) with fixed class labels bound per batch row, meta)."""
-    from latentdiff.export import load_export
+    from latentdiff.contracts.export import load_export
 
     net, meta = load_export(export, weights=weights)
     return net, meta
 
 
 def run(args) -> dict:
-    from latentdiff.generation import resolve_sigma_max
+    from latentdiff.sampling.options import resolve_sigma_max
 
     torch.set_grad_enabled(False)
     net, meta = trained_denoiser(args.export, args.weights)

@@ -58,9 +58,10 @@ def worker(args) -> None:
     import deepspeed
     import torch
 
-    from latentdiff import dist as ldist
-    from latentdiff.train import parse_args
-    from latentdiff.training.config import config_from_args
+    from latentdiff.utils import dist as ldist
+    from latentdiff.cli.train import parse_args
+    from latentdiff.training.config import TrainConfig
+    from latentdiff.utils.config import config_from_args
     from latentdiff.training.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -71,7 +72,7 @@ def worker(args) -> None:
                         "--micro-batch", str(args.batch), "--max-steps", str(args.steps), "--checkpoint-every", "100000",
                         "--log-every", "10", "--heldout-batch", "0", "--num-workers", "1", "--resume", "never",
                         "--ema-rates", "[0.999]"])
-    cfg = config_from_args(targs).validate(world)
+    cfg = config_from_args(TrainConfig, targs).validate(world)
     tr = Trainer(cfg, ds, log=lambda m: None)
     res = {"world": world, "zero": tr.zero_stage}
     if args.mode in ("overhead", "scaling"):
@@ -80,8 +81,8 @@ def worker(args) -> None:
     if args.mode == "overhead":
         # bare engine of the same stage, same model and batch: data already in memory, no EMA/logging
         from latentdiff import models
-        from latentdiff.noise import LogNormalSigma
-        from latentdiff.precond import EDMPrecond, edm_loss
+        from latentdiff.diffusion.noise import LogNormalSigma
+        from latentdiff.diffusion.precond import EDMPrecond, edm_loss
 
         torch.manual_seed(0)
         c, h, w = tr.sample_shape
@@ -120,7 +121,7 @@ def worker(args) -> None:
         # one real step: count gradients right after backward, states after the optimizer step
         import torch as _t
 
-        from latentdiff.precond import edm_loss
+        from latentdiff.diffusion.precond import edm_loss
 
         batches = tr._batches()
         g = _t.Generator().manual_seed(rank)

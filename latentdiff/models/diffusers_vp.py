@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SampleError
+from latentdiff.utils.errors import SampleError
 
 __all__ = ["DiffusersEpsNet", "load_diffusers_unet"]
 
@@ -70,7 +70,7 @@ def load_diffusers_unet(path: str | Path, device="cpu"):
     """
     from diffusers import UNet2DModel
 
-    from .precond import VPPrecond
+    from latentdiff.diffusion.precond import VPPrecond
 
     path = Path(path)
     unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path

@@ -28,12 +28,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import dist as ldist
-from .atomic import atomic_write_bytes, atomic_write_json
-from .checksums import sha256_file
-from .errors import FIDError
-from .image_sources import ArrayImages, ImageSource, as_uint8_nchw, read_json
-from .inception import FEATURE_DIM
+from latentdiff.utils import dist as ldist
+from latentdiff.utils.io import atomic_write_bytes, atomic_write_json
+from latentdiff.utils.io import sha256_file
+from latentdiff.utils.errors import FIDError
+from latentdiff.metrics.image_sources import ArrayImages, ImageSource, as_uint8_nchw, read_json
+from latentdiff.metrics.inception import FEATURE_DIM
 
 __all__ = [
     "MIN_SAMPLES",

@@ -16,7 +16,8 @@ import math
 import torch
 from torch import nn
 
-from .noise import LogNormalSigma, iddpm_sigmas, vp_sigma_inv
+from latentdiff.diffusion.noise import LogNormalSigma
+from latentdiff.diffusion.grids import iddpm_sigmas, vp_sigma_inv
 
 __all__ = ["Precond", "EDMPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond", "build_precond", "edm_loss"]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FIDError
-from .seeds import format_seeds, parse_seeds
+from latentdiff.utils.errors import FIDError
+from latentdiff.utils.seeds import format_seeds, parse_seeds
 
 __all__ = [
     "ImageSource",

@@ -163,8 +163,8 @@ import math
 import numpy as np
 import torch
 
-from .noise import karras_sigmas
-from .solvers import CountingDenoiser, SampleInfo
+from latentdiff.diffusion.grids import karras_sigmas
+from latentdiff.solvers.base import CountingDenoiser, SampleInfo
 
 __all__ = [
     "auto_sample",

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ConfigError
+from latentdiff.utils.errors import ConfigError
 
 __all__ = ["drop_labels", "guided_denoiser", "model_null_label", "resolve_null_label"]
 
@@ -102,6 +102,8 @@ def guided_denoiser(
     scale: float = 1.0,
     null_label: int | None = None,
     interval: tuple[float, float] | None = None,
+    *,
+    fixed_shape: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A ``denoise(x, sigma)`` callable for the solvers, applying classifier-free guidance.
 
@@ -112,6 +114,11 @@ def guided_denoiser(
     (B,) tensor.  Each call runs exactly one network forward: ``w == 1`` or every sigma outside
     the interval -> the conditional batch; ``w == 0`` -> the unconditional batch; otherwise the
     conditional batch concatenated with the unconditional copies of the samples to guide.
+
+    ``fixed_shape=True`` (for solvers with a per-image sigma): the rows inside the interval depend on
+    which images share the batch, and so would the forward shape (and, through the kernels, the last
+    bits).  Then every call forwards all rows twice (conditional + null class) and applies
+    ``D_u + w (D_c - D_u)`` inside the interval, ``D_c`` outside -- the same formula.
     """
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ConfigError(f"guidance scale must be a finite number (1 = conditional model), got {scale!r}")
@@ -134,6 +141,12 @@ def guided_denoiser(
         s = s.expand(b) if s.ndim == 0 else s.reshape(-1)
         if scale == 1.0:
             return denoiser(x, s, y)
+        if fixed_shape:
+            out = denoiser(torch.cat([x, x]), torch.cat([s, s]), torch.cat([y, torch.full_like(y, null)]))
+            d_cond, d_uncond = out[:b], out[b:]
+            inside = torch.ones_like(s, dtype=torch.bool) if bounds is None else (s >= bounds[0]) & (s <= bounds[1])
+            guided = d_uncond + scale * (d_cond - d_uncond)
+            return torch.where(inside.reshape(-1, *([1] * (x.ndim - 1))), guided, d_cond)
         if bounds is None:
             guide = torch.ones(b, dtype=torch.bool, device=x.device)
         else:

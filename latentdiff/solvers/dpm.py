@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .solvers import CountingDenoiser, SampleInfo
+from latentdiff.solvers.base import CountingDenoiser, SampleInfo
 
 __all__ = ["dpm_solver_pp"]
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .errors import SampleError
+from latentdiff.utils.errors import SampleError
 
 __all__ = ["is_pixel_vae", "load_vae_for", "to_uint8", "decode_to_uint8", "image_grid"]
 
@@ -23,7 +23,7 @@ def is_pixel_vae(vae_desc) -> bool:
 def load_vae_for(vae_desc, device="cpu", *, path=None):
     """The Autoencoder an export names (``path`` overrides where it is loaded from); refuses a VAE
     whose weights sha256, revision or scaling differ from what the export recorded."""
-    from .autoencoder import Autoencoder
+    from latentdiff.vae.autoencoder import Autoencoder
 
     if is_pixel_vae(vae_desc):
         if path is not None:
@@ -78,7 +78,7 @@ def decode_to_uint8(
     (the last chunk padded with copies of its last latent), so the result does not depend on how many
     latents one call gets.
     """
-    from .autoencoder import Normalization
+    from latentdiff.vae.normalization import Normalization
 
     norm = normalization if isinstance(normalization, Normalization) else Normalization.from_dict(normalization)
     if latents.ndim != 4 or latents.shape[1] != norm.channels:

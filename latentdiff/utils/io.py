@@ -1,4 +1,6 @@
-"""Atomic file writes shared by every stage: write a temporary file beside the target, fsync, rename.
+"""File I/O shared by every stage: atomic writes and sha256 checksums.
+
+Atomic writes: write a temporary file beside the target, fsync, rename.
 
 A reader (or a resumed run) sees the old file or the new one, never a partial one.  The temporary
 name (``.NAME.PID.tmp``) carries the process id, so ranks writing beside each other never share a
@@ -6,6 +8,7 @@ temporary file; a crashed writer leaves only such dot-files, which resumable sta
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "json_default"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "json_default", "sha256_file"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -46,3 +49,12 @@ def json_default(o: Any):
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=json_default) + "\n")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in ``chunk``-byte blocks (constant memory for any file size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from . import dist as ldist
-from .checksums import sha256_file
-from .errors import FIDError
+from latentdiff.utils import dist as ldist
+from latentdiff.utils.io import sha256_file
+from latentdiff.utils.errors import FIDError
 
 __all__ = [
     "FEATURE_DIM",

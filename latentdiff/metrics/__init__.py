@@ -1,0 +1,1 @@
+"""The evaluation stage: feature extractors, statistics, distances and reference files (FID)."""

@@ -1,0 +1,1 @@
+"""The sample stage: an export + seeds -> latents -> decoded images -> files and ``sampling.json``."""

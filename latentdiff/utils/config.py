@@ -1,0 +1,137 @@
+"""One way to load every stage's config dataclass: YAML file or named preset, then overrides, then flags.
+
+A stage config is a plain ``@dataclass`` whose fields have defaults; a field's help text is
+``field(metadata={"help": "..."})``.  :func:`load_config` reads ``spec`` (a YAML path or the name of a
+preset shipped in ``latentdiff/configs/``), applies ``overrides`` (field -> value) and coerces every value
+to the type of the field's default (lists and dicts given as strings are parsed as YAML; YAML is read
+with ``safe_load``, never evaluated).  :func:`add_config_flags` adds one ``--field-name`` flag per field
+to an ``argparse`` parser (next to ``deepspeed.add_config_arguments``'s flags, which it does not touch),
+and :func:`config_from_args` turns the parsed flags back into a config.  An unknown field is an error
+that suggests the nearest field, or the field a common alias stands for (``ALIASES`` on the class).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from latentdiff.utils.errors import ConfigError
+
+__all__ = ["preset_names", "read_yaml", "load_config", "add_config_flags", "config_from_args", "field_help"]
+
+T = TypeVar("T")
+PRESET_PACKAGE = "latentdiff.configs"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped as package data (``latentdiff/configs/NAME.yaml``)."""
+    try:
+        return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+    except (ModuleNotFoundError, FileNotFoundError):
+        return []
+
+
+def read_yaml(spec: str) -> dict:
+    """The mapping in a YAML file or preset; a clear error for a missing file or bad YAML."""
+    path = Path(spec)
+    if path.is_file():
+        text, where = path.read_text(), str(path)
+    elif spec in preset_names():
+        text, where = resources.files(PRESET_PACKAGE).joinpath(spec + ".yaml").read_text(), f"preset {spec}"
+    else:
+        raise ConfigError(f"--config {spec}: no such file or preset; presets: {', '.join(preset_names()) or 'none'}")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of field: value")
+    return data
+
+
+def _coerce(name: str, value: Any, default: Any):
+    """``value`` as the type of ``default`` (bool, int, float, list, dict or str)."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{name}: {value!r} is not a boolean (true/false)")
+    if isinstance(default, int):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{name}: {value!r} is not an integer") from None
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{name}: {value!r} is not an integer")
+        return int(value)
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: {value!r} is not a number") from None
+    if isinstance(default, (list, dict)):
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"{name}: {value!r} is not valid YAML") from None
+        if not isinstance(value, type(default)):
+            raise ConfigError(f"{name}: expected a {type(default).__name__}, got {value!r}")
+        return value
+    return value if value is None or isinstance(value, str) else str(value)
+
+
+def _unknown_fields_message(cls, unknown: list[str], names: set[str]) -> str:
+    aliases = getattr(cls, "ALIASES", {})
+    hints = []
+    for u in unknown:
+        match = aliases.get(u) or next(iter(difflib.get_close_matches(u, names, 1)), None)
+        hints.append(f"{u} (did you mean {match}?)" if match else u)
+    return f"unknown {cls.__name__} field(s): {', '.join(hints)}"
+
+
+def load_config(cls: type[T], spec: str | None = None, overrides: dict | None = None) -> T:
+    """A ``cls`` instance from a YAML file or preset name, then ``overrides`` (field -> value)."""
+    base = cls()
+    data = read_yaml(spec) if spec else {}
+    data.update(overrides or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(_unknown_fields_message(cls, unknown, names))
+    return dataclasses.replace(base, **{k: _coerce(k, v, getattr(base, k)) for k, v in data.items()})
+
+
+def field_help(f: dataclasses.Field) -> str:
+    """The help text of a config field (``metadata["help"]``) with its default."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    text = f.metadata.get("help", "")
+    return f"{text} (default: {default!r})" if text else f"default: {default!r}"
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, *, with_config: bool = True, skip=()) -> None:
+    """``--config`` plus one ``--field-name`` flag per field of ``cls`` (parsed later by ``load_config``)."""
+    if with_config:
+        parser.add_argument("--config", default=None, help=f"YAML file or preset ({', '.join(preset_names()) or 'none'})")
+    group = parser.add_argument_group(f"{cls.__name__} fields (override the YAML)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        metavar = type(f.default).__name__.upper() if f.default is not dataclasses.MISSING else "YAML"
+        group.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None,
+                           metavar=metavar, help=field_help(f))
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, overrides: dict | None = None) -> T:
+    """The config the parsed flags of :func:`add_config_flags` describe (flags override the YAML)."""
+    flags = {f.name: getattr(args, "cfg_" + f.name) for f in dataclasses.fields(cls)
+             if getattr(args, "cfg_" + f.name, None) is not None}
+    return load_config(cls, getattr(args, "config", None), {**(overrides or {}), **flags})
