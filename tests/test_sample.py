@@ -166,7 +166,7 @@ def test_exact_count_lossless_png_and_npz(real_export, tmp_path):
 
     assert res["export_hash"] == export_hash(real_export)
     src, sampling, _ = open_samples(out)  # the FID stage's reader: npz + seeds + sampling.json
-    assert len(src) == 7 and src.seeds.tolist() == list(range(7)) and sampling["nfe_used"] == res["nfe_used"]
+    assert len(src) == 7 and src.seeds.tolist() == list(range(7)) and sampling.nfe_used == res["nfe_used"]
 
 
 def test_identical_across_batch_sizes_and_padding(real_export, loaded, tmp_path):
