@@ -258,6 +258,25 @@ def test_refuses_fewer_than_2048_samples(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "only 5 images" in err and "--allow-small" in err and "weights" not in err
 
 
+def test_fid_config_from_yaml_and_flags_with_help(tmp_path):
+    from latentdiff.metrics.config import FIDConfig
+    from latentdiff.utils.config import config_from_args
+
+    y = tmp_path / "fid.yaml"
+    y.write_text("ref: r.npz\nseeds: [0-9, 10-19]\nbatch_size: 16\n")
+    parser = fid_cli.build_parser()
+    args = parser.parse_args(["a", "b", "--config", str(y), "--allow-small", "--batch-size", "8"])
+    cfg = config_from_args(FIDConfig, args, {"samples": args.samples})
+    assert (cfg.samples, cfg.ref, cfg.seeds, cfg.batch_size, cfg.allow_small) == (["a", "b"], "r.npz", ["0-9", "10-19"], 8, True)
+    cfg = config_from_args(FIDConfig, parser.parse_args(["a", "--ref", "r.npz", "--seeds", "0-4", "--seeds", "5-9"]),
+                           {"samples": ["a"]})
+    assert cfg.seed_specs == ["0-4", "5-9"] and FIDConfig(samples=["a"], ref="r").seed_specs == [None]
+    text = parser.format_help()
+    assert "--inception-weights" in text and "torch-fidelity Inception state dict" in text and "--allow-small" in text
+    with pytest.raises(FIDError, match="batch-size"):
+        FIDConfig(samples=["a"], ref="r", batch_size=0).validate()
+
+
 def test_parse_and_format_seeds():
     assert fid.parse_seeds("0-4") == [0, 1, 2, 3, 4]
     assert fid.parse_seeds("0-2, 7,9-10") == [0, 1, 2, 7, 9, 10]
@@ -265,6 +284,8 @@ def test_parse_and_format_seeds():
     assert len(fid.parse_seeds("0-49999")) == 50000
     assert seeds.format_seeds(range(50000)) == "0-49999"
     assert seeds.format_seeds([5, 0, 1, 2, 9, 10]) == "0-2,5,9-10"
+    assert seeds.format_seeds([7, 3, 4, 5, 0], ordered=True) == "7,3-5,0"  # the sampler's record: request order
+    assert seeds.parse_seeds(seeds.format_seeds([7, 3, 4, 5, 0], ordered=True)) == [7, 3, 4, 5, 0]
     for bad in ("5-3", "a-b", "1-2-3", ""):
         with pytest.raises(FIDError):
             fid.parse_seeds(bad)

@@ -696,3 +696,25 @@ def test_record_reads_the_decode_settings_from_the_autoencoder(real_export, tmp_
     monkeypatch.setattr(Autoencoder, "tiling", property(lambda self: True))
     res = sample_cli(real_export, tmp_path / "patched", "--seeds", "0", "--nfe", 3, "--grid", 0)
     assert (res["vae_decode_precision"], res["vae_tiling"]) == ("bf16", True)
+
+
+def test_sample_config_from_yaml_and_flags_with_help(tmp_path):
+    """SampleConfig: YAML, then flags; every field's flag has its help text; options only when given."""
+    from latentdiff.cli.sample import build_parser
+    from latentdiff.sampling.config import SampleConfig
+    from latentdiff.utils.config import config_from_args
+    from latentdiff.utils.errors import ConfigError
+
+    y = tmp_path / "sample.yaml"
+    y.write_text("solver: edm-stochastic\nnfe: 9\nno_npz: true\nseeds: 0-3\ns_churn: 5\n")
+    cfg = config_from_args(SampleConfig, build_parser().parse_args(["--config", str(y), "--nfe", "11", "--no-progress"]))
+    assert (cfg.solver, cfg.nfe, cfg.no_npz, cfg.no_progress, cfg.seeds) == ("edm-stochastic", 11, True, True, "0-3")
+    assert cfg.steps is None and cfg.solver_options() == {"s_churn": 5.0}
+    text = build_parser().format_help()
+    for flag, words in (("--decode-batch", "latents per VAE decode"), ("--h-tau", "Algorithm 1"), ("--no-npz", "samples.npz")):
+        assert flag in text and words in text
+    y.write_text("solvr: heun\n")
+    with pytest.raises(ConfigError, match="solver"):
+        config_from_args(SampleConfig, build_parser().parse_args(["--config", str(y)]))
+    with pytest.raises(SampleError, match="s_churn"):  # an option the solver does not use is refused
+        SampleConfig(export="e", out="o", solver="heun", s_churn=1.0).validate()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from latentdiff.solvers.nfe_guided import H_TAU
 from latentdiff.solvers.registry import DEFAULT_SAMPLER, SAMPLERS, check_options
 from latentdiff.utils.errors import SampleError
 
@@ -36,23 +37,23 @@ class SampleConfig:
         "noise levels instead of an NFE budget (fixed-method solvers; required by hybrid)"))
     sigma_max: str = field(default="data", metadata=_help(
         "data (the export's data-driven value), edm (80), vp (~152) or a number"))
-    sigma_min: float | None = field(default=None, metadata=_help("default: the export's sigma_min (0.002)"))
+    sigma_min: float | None = field(default=None, metadata=_help("not given: the export's sigma_min (0.002)"))
     rho: float = field(default=7.0, metadata=_help("Karras grid exponent (edm.txt Eq. 5)"))
     placement: str | None = field(default=None, metadata=_help(
-        "RK stage noise levels: log (wsnr.txt Alg. 3, the default) or classical"))
-    h_tau: float | None = field(default=None, metadata=_help("nfe-guided: step-size threshold of Algorithm 1"))
+        "RK stage noise levels: log (wsnr.txt Alg. 3; used when not given) or classical"))
+    h_tau: float | None = field(default=None, metadata=_help(f"nfe-guided: step-size threshold h_tau of wsnr.txt Algorithm 1 ({H_TAU} when not given)"))
     num_ode3: int | None = field(default=None, metadata=_help(
-        "hybrid: number of third-order steps (largest sigma first)"))
+        "hybrid: number of third-order steps (largest sigma first; 0 when not given)"))
     midpoint: bool | None = field(default=None, metadata=_help(
         "hybrid: midpoint instead of Heun for the second-order steps"))
     cfg: float = field(default=1.0, metadata=_help("guidance scale w: D_u + w (D_c - D_u); 1 = conditional model"))
     guidance_interval: str | None = field(default=None, metadata=_help(
         "sigma_lo,sigma_hi: guide only inside this interval"))
-    class_label: int | None = field(default=None, metadata=_help("one class for every image (default: drawn per seed)"))
+    class_label: int | None = field(default=None, metadata=_help("one class for every image (not given: drawn per seed)"))
     weights: str = field(default="ema", metadata=_help("ema (largest rate), an EMA rate such as 0.9999, or raw"))
     vae: str | None = field(default=None, metadata=_help(
         "load the export's VAE from this directory (its sha256 is still checked)"))
-    s_churn: float | None = field(default=None, metadata=_help("edm-stochastic: S_churn (edm.txt Alg. 2; default 0)"))
+    s_churn: float | None = field(default=None, metadata=_help("edm-stochastic: S_churn (edm.txt Alg. 2; 0 when not given)"))
     s_tmin: float | None = field(default=None, metadata=_help("edm-stochastic: S_tmin"))
     s_tmax: float | None = field(default=None, metadata=_help("edm-stochastic: S_tmax"))
     s_noise: float | None = field(default=None, metadata=_help("edm-stochastic: S_noise"))

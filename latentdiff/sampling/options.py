@@ -84,7 +84,7 @@ def solver_record(
 def network_evals_per_image(eval_sigmas, cfg_scale: float, interval, method: str = "nfe-guided") -> int:
     """Network evaluations per image: one per denoiser call, two where guidance runs the conditional
     and the unconditional model (``guidance.guided_denoiser``: w not in {0, 1}, sigma inside the
-    interval; an adaptive solver with an interval always runs both, see ``_fixed_shape_guidance``)."""
+    interval; an adaptive solver with an interval always runs both: ``guided_denoiser(..., fixed_shape=True)``)."""
     if cfg_scale == 1.0 or (cfg_scale == 0.0 and interval is None):
         return len(eval_sigmas)
     if interval is None or method not in FIXED_GRID_SAMPLERS:
