@@ -7,16 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff.solvers.auto import (
-    TAIL_BALANCE,
-    _sigma_lo,
-    auto_plan,
-    auto_sample,
-    exp_adams_weights,
-    exp_integral,
-    kappa,
-    tail_levels,
-)
+from latentdiff.solvers.auto import auto_sample
+from latentdiff.solvers.auto_grid import TAIL_BALANCE, auto_plan, kappa, tail_levels
+from latentdiff.solvers.auto_grid import sigma_lo as _sigma_lo
+from latentdiff.solvers.exp_adams import exp_adams_weights, exp_integral
 from latentdiff.diffusion.grids import karras_sigmas
 from latentdiff.solvers import SAMPLERS, ideal_denoiser, sample
 

@@ -24,7 +24,8 @@ import scipy.linalg
 import torch
 
 from latentdiff.utils import io as checksums, seeds
-from latentdiff.metrics import fid, frechet, image_sources, inception
+from latentdiff.contracts.sampling import SamplingRecord
+from latentdiff.metrics import fid, frechet, image_sources, inception, reference
 from latentdiff.cli import fid as fid_cli
 from latentdiff.utils.errors import FIDError
 
@@ -64,6 +65,16 @@ def _write_pngs(folder: Path, images_nchw: torch.Tensor, first_seed: int = 0) ->
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(p)
         paths.append(p)
     return paths
+
+
+def _write_sampling_json(folder: Path, **fields) -> SamplingRecord:
+    """A sampling.json as latentdiff-sample writes it, with the given fields (the rest: neutral values)."""
+    base = dict(source="export", source_kind="export", export_hash="0" * 8, seeds="0", solver="heun", nfe_used=1,
+                sigma_min=0.002, sigma_max=80.0, cfg=1.0, ema_profile="ema-0.999", vae_decode_precision="fp32",
+                vae_tiling=False, image_size=[8, 8])
+    record = SamplingRecord(**{**base, **fields})
+    record.write(folder / "sampling.json")
+    return record
 
 
 class StandIn:
@@ -241,10 +252,29 @@ def test_refuses_fewer_than_2048_samples(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
     _write_pngs(tmp_path / "samples", torch.zeros((5, 3, 8, 8), dtype=torch.uint8))
-    frechet.save_reference(tmp_path / "ref.npz", np.zeros(4), np.eye(4), {"resolution": [8, 8]})
+    reference.save_reference(tmp_path / "ref.npz", np.zeros(4), np.eye(4), {"resolution": [8, 8]})
     rc = fid_cli.main(["--ref", str(tmp_path / "ref.npz"), str(tmp_path / "samples")])
     err = capsys.readouterr().err
     assert rc == 2 and "only 5 images" in err and "--allow-small" in err and "weights" not in err
+
+
+def test_fid_config_from_yaml_and_flags_with_help(tmp_path):
+    from latentdiff.metrics.config import FIDConfig
+    from latentdiff.utils.config import config_from_args
+
+    y = tmp_path / "fid.yaml"
+    y.write_text("ref: r.npz\nseeds: [0-9, 10-19]\nbatch_size: 16\n")
+    parser = fid_cli.build_parser()
+    args = parser.parse_args(["a", "b", "--config", str(y), "--allow-small", "--batch-size", "8"])
+    cfg = config_from_args(FIDConfig, args, {"samples": args.samples})
+    assert (cfg.samples, cfg.ref, cfg.seeds, cfg.batch_size, cfg.allow_small) == (["a", "b"], "r.npz", ["0-9", "10-19"], 8, True)
+    cfg = config_from_args(FIDConfig, parser.parse_args(["a", "--ref", "r.npz", "--seeds", "0-4", "--seeds", "5-9"]),
+                           {"samples": ["a"]})
+    assert cfg.seed_specs == ["0-4", "5-9"] and FIDConfig(samples=["a"], ref="r").seed_specs == [None]
+    text = parser.format_help()
+    assert "--inception-weights" in text and "torch-fidelity Inception state dict" in text and "--allow-small" in text
+    with pytest.raises(FIDError, match="batch-size"):
+        FIDConfig(samples=["a"], ref="r", batch_size=0).validate()
 
 
 def test_parse_and_format_seeds():
@@ -254,6 +284,8 @@ def test_parse_and_format_seeds():
     assert len(fid.parse_seeds("0-49999")) == 50000
     assert seeds.format_seeds(range(50000)) == "0-49999"
     assert seeds.format_seeds([5, 0, 1, 2, 9, 10]) == "0-2,5,9-10"
+    assert seeds.format_seeds([7, 3, 4, 5, 0], ordered=True) == "7,3-5,0"  # the sampler's record: request order
+    assert seeds.parse_seeds(seeds.format_seeds([7, 3, 4, 5, 0], ordered=True)) == [7, 3, 4, 5, 0]
     for bad in ("5-3", "a-b", "1-2-3", ""):
         with pytest.raises(FIDError):
             fid.parse_seeds(bad)
@@ -288,10 +320,10 @@ def test_open_samples_png_npz_seeds_and_sampling_json(tmp_path):
     _write_pngs(d / "000000", imgs[:6], 0)  # EDM-style sub-folders
     _write_pngs(d / "000006", imgs[6:], 6)
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(d / "grid.png")  # the sampler's grid: skipped
-    (d / "sampling.json").write_text(json.dumps({"seeds": list(range(12)), "solver": "heun"}))
+    _write_sampling_json(d, seeds=seeds.format_seeds(range(12)), solver="heun")
     src, sampling, spath = image_sources.open_samples(d)
     assert isinstance(src, image_sources.PngFolder) and len(src) == 12 and src.resolution == (8, 8)
-    assert sampling["solver"] == "heun" and spath == d / "sampling.json"
+    assert sampling.solver == "heun" and spath == d / "sampling.json"
     np.testing.assert_array_equal(src.seeds, np.arange(12))
     assert torch.equal(src.batch(list(range(12))), imgs)
     sub = image_sources.select_seeds(src, fid.parse_seeds("3-5,9"), "s")
@@ -309,6 +341,10 @@ def test_open_samples_png_npz_seeds_and_sampling_json(tmp_path):
     src3, _, _ = image_sources.open_samples(d, "png")
     with pytest.raises(FIDError, match="000099.png is 9x9"):
         src3.batch(list(range(len(src3))))
+    # a sampling.json that latentdiff-sample did not write is named, not half-read
+    (d / "sampling.json").write_text(json.dumps({"seeds": list(range(12)), "solver": "heun"}))
+    with pytest.raises(FIDError, match="sampling.json.*not written by latentdiff-sample"):
+        image_sources.open_samples(d)
     j = tmp_path / "jpg"
     j.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(j / "0.jpg")
@@ -325,9 +361,9 @@ def test_reference_roundtrip_and_compatibility(tmp_path):
     x = rng.standard_normal((50, 16))
     mu, sigma = x.mean(0), np.cov(x, rowvar=False)
     prov = {"source": "/data/x", "count": 50, "resolution": [64, 64], "preprocessing": {"mode": "adm"}}
-    npz, pjson = frechet.save_reference(tmp_path / "ref.npz", mu, sigma, prov)
+    npz, pjson = reference.save_reference(tmp_path / "ref.npz", mu, sigma, prov)
     assert pjson == tmp_path / "ref.provenance.json" and pjson.is_file()
-    ref = frechet.load_reference(npz)
+    ref = reference.load_reference(npz)
     np.testing.assert_array_equal(ref.mu, mu)
     np.testing.assert_array_equal(ref.sigma, sigma)
     assert ref.mu.dtype == np.float64 and ref.sigma.dtype == np.float64
@@ -341,21 +377,21 @@ def test_reference_roundtrip_and_compatibility(tmp_path):
         np.testing.assert_array_equal(f["mu"], mu)
     # EDM-style (mu/sigma only, no provenance) and ADM-style (extra arrays) files load
     np.savez(tmp_path / "edm.npz", mu=mu, sigma=sigma)
-    assert frechet.load_reference(tmp_path / "edm.npz").provenance is None
+    assert reference.load_reference(tmp_path / "edm.npz").provenance is None
     np.savez(tmp_path / "VIRTUAL_adm.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8), mu=mu, sigma=sigma, mu_s=mu[:4], sigma_s=sigma[:4, :4])
-    np.testing.assert_array_equal(frechet.load_reference(tmp_path / "VIRTUAL_adm.npz").sigma, sigma)
+    np.testing.assert_array_equal(reference.load_reference(tmp_path / "VIRTUAL_adm.npz").sigma, sigma)
     # errors name the file and the fix
     np.savez(tmp_path / "images_only.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
     with pytest.raises(FIDError, match="lacks 'mu'.*fid_reference.py"):
-        frechet.load_reference(tmp_path / "images_only.npz")
+        reference.load_reference(tmp_path / "images_only.npz")
     with pytest.raises(FIDError, match="not found"):
-        frechet.load_reference(tmp_path / "nope.npz")
+        reference.load_reference(tmp_path / "nope.npz")
     with pytest.raises(FIDError, match="symmetric"):
-        frechet.save_reference(tmp_path / "bad.npz", mu, sigma + np.triu(np.ones_like(sigma), 1))
+        reference.save_reference(tmp_path / "bad.npz", mu, sigma + np.triu(np.ones_like(sigma), 1))
     # a replaced .npz no longer matches its provenance
     np.savez(tmp_path / "ref.npz", mu=mu + 1, sigma=sigma)
     with pytest.raises(FIDError, match="replaced"):
-        frechet.load_reference(tmp_path / "ref.npz")
+        reference.load_reference(tmp_path / "ref.npz")
 
 
 def test_evaluate_seed_ranges_min_mean_and_report(tmp_path):
@@ -364,20 +400,12 @@ def test_evaluate_seed_ranges_min_mean_and_report(tmp_path):
     reals = torch.randint(40, 216, (40, 3, 8, 8), generator=g, dtype=torch.uint8)
     ext = StandIn(192, dim=16, seed=1)
     mu_r, sigma_r, n_r = frechet.compute_statistics(reals, ext, batch_size=16, allow_small=True, progress=False)
-    frechet.save_reference(tmp_path / "ref.npz", mu_r, sigma_r, {"resolution": [8, 8], "count": n_r})
+    reference.save_reference(tmp_path / "ref.npz", mu_r, sigma_r, {"resolution": [8, 8], "count": n_r})
     d = tmp_path / "samples"
     _write_pngs(d, samples)
-    sampling = {
-        "seeds": list(range(30)),
-        "solver": "nfe-guided",
-        "nfe": 35,
-        "cfg": 1.5,
-        "guidance_interval": [0.3, 2.9],
-        "ema_profile": "std=0.10",
-        "vae_decode_precision": "fp32",
-        "export_hash": "deadbeef",
-    }
-    (d / "sampling.json").write_text(json.dumps(sampling))
+    _write_sampling_json(d, seeds="0-29", solver="nfe-guided", nfe_used=35, nfe_requested=35, cfg=1.5,
+                         guidance_interval=[0.3, 2.9], ema_profile="std=0.10", vae_decode_precision="fp32",
+                         export_hash="deadbeef")
     report = fid.evaluate([d], tmp_path / "ref.npz", ext, seeds=["0-9", "10-19", "20-29"], allow_small=True, progress=False)
     assert report["num_runs"] == 3 and [r["seeds"] for r in report["runs"]] == ["0-9", "10-19", "20-29"]
     values = []
@@ -396,7 +424,7 @@ def test_evaluate_seed_ranges_min_mean_and_report(tmp_path):
     json.dumps(report)  # serializable as fid.json
     with pytest.raises(FIDError, match=r"lacks 15 of the 20 requested seeds \(first missing: 30-44\)"):
         fid.evaluate([d], tmp_path / "ref.npz", ext, seeds=["0-9", "25-44"], allow_small=True, progress=False)
-    frechet.save_reference(tmp_path / "ref16.npz", mu_r, sigma_r, {"resolution": [16, 16]})
+    reference.save_reference(tmp_path / "ref16.npz", mu_r, sigma_r, {"resolution": [16, 16]})
     with pytest.raises(FIDError, match=r"built at 16x16.*--resolution 8"):
         fid.evaluate([d], tmp_path / "ref16.npz", ext, allow_small=True, progress=False)
 
@@ -429,7 +457,7 @@ def test_missing_weights_is_a_clear_error_offline(tmp_path, monkeypatch, capsys)
     monkeypatch.delenv(inception.WEIGHTS_ENV)
     # CLI: exit code 2 and the same advice
     _write_pngs(tmp_path / "s", torch.zeros((3, 3, 8, 8), dtype=torch.uint8))
-    frechet.save_reference(tmp_path / "ref.npz", np.zeros(4), np.eye(4))
+    reference.save_reference(tmp_path / "ref.npz", np.zeros(4), np.eye(4))
     rc = fid_cli.main(["--ref", str(tmp_path / "ref.npz"), str(tmp_path / "s"), "--allow-small"])
     err = capsys.readouterr().err
     assert rc == 2 and "--inception-weights" in err and fe.URL_INCEPTION_V3 in err
@@ -506,7 +534,7 @@ def real_reference(tmp_path_factory, inception_weights, real_sets):
 def test_real_network_reference_tool_and_extractor(extractor, inception_weights, real_reference, real_sets):
     assert extractor.weights_path == inception_weights and not extractor.official
     assert extractor.weights_sha256 == checksums.sha256_file(inception_weights)
-    ref = frechet.load_reference(real_reference / "ref.npz")
+    ref = reference.load_reference(real_reference / "ref.npz")
     prov = ref.provenance
     assert prov["count"] == N_REAL and prov["resolution"] == [64, 64] and prov["skipped"] == 0
     assert prov["preprocessing"]["mode"] == "adm" and prov["world_size"] == 1
@@ -526,10 +554,8 @@ def test_real_network_reference_tool_and_extractor(extractor, inception_weights,
 def test_real_network_fid_cli_crops_vs_noise(tmp_path, inception_weights, real_reference, real_sets, capsys):
     crops_dir, noise_dir = tmp_path / "crops", tmp_path / "noise"
     _write_pngs(crops_dir, real_sets["crops"])
-    (crops_dir / "sampling.json").write_text(json.dumps({
-        "seeds": list(range(N_REAL)), "solver": "nfe-guided", "nfe": 35, "cfg": 1.0, "guidance_interval": None,
-        "ema_profile": "0.10", "vae_decode_precision": "fp32", "export_hash": "abc123",
-    }))
+    _write_sampling_json(crops_dir, seeds=f"0-{N_REAL - 1}", solver="nfe-guided", nfe_used=35, cfg=1.0,
+                         guidance_interval=None, ema_profile="0.10", vae_decode_precision="fp32", export_hash="abc123")
     noise_dir.mkdir()
     np.savez(noise_dir / "samples.npz", arr_0=real_sets["noise"].permute(0, 2, 3, 1).numpy())
     out = tmp_path / "fid.json"
@@ -630,8 +656,8 @@ def test_reference_tool_under_torchrun_two_ranks(tmp_path, inception_weights, re
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = frechet.load_reference(real_reference / "ref.npz")
-    two = frechet.load_reference(out)
+    one = reference.load_reference(real_reference / "ref.npz")
+    two = reference.load_reference(out)
     assert two.provenance["world_size"] == 2 and two.provenance["count"] == N_REAL
     np.testing.assert_allclose(two.mu, one.mu, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(two.sigma, one.sigma, rtol=1e-4, atol=1e-7)

@@ -57,9 +57,11 @@ def real_export(tiny_dataset, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def loaded(real_export):
+    """(denoiser, ExportMeta) of the real export."""
     from latentdiff.contracts.export import load_export
 
-    return load_export(real_export)
+    den, export = load_export(real_export)
+    return den, export.meta
 
 
 def make_unet(path, num_class_embeds=None, scheduler=None):
@@ -117,17 +119,17 @@ def test_parse_seeds_and_sigma_max_choices():
     for bad in ("", "5-3", "1,1", "-2", "3-", "a", "1-2-3", "0-2,2"):
         with pytest.raises(SampleError):
             parse_seeds(bad)
-    meta = {"schedule": {"sigma_max": 3.25}}
-    assert resolve_sigma_max("data", meta) == 3.25
-    assert resolve_sigma_max("edm", meta) == EDM_SIGMA_MAX == 80.0
+    data = 3.25  # an export's schedule.sigma_max
+    assert resolve_sigma_max("data", data) == 3.25
+    assert resolve_sigma_max("edm", data) == EDM_SIGMA_MAX == 80.0
     # VP: sigma(t=1) = sqrt(exp(beta_d / 2 + beta_min) - 1) with beta_d = 19.9, beta_min = 0.1 (edm.txt Table 1)
-    assert math.isclose(resolve_sigma_max("vp", meta), math.sqrt(math.exp(19.9 / 2 + 0.1) - 1), rel_tol=1e-12)
+    assert math.isclose(resolve_sigma_max("vp", data), math.sqrt(math.exp(19.9 / 2 + 0.1) - 1), rel_tol=1e-12)
     assert resolve_sigma_max("2.5", None) == 2.5
     for bad in ("0", "-1", "inf", "nan", "big"):
         with pytest.raises(SampleError):
-            resolve_sigma_max(bad, meta)
+            resolve_sigma_max(bad, data)
     with pytest.raises(SampleError, match="sigma_max"):
-        resolve_sigma_max("data", {"schedule": {}})
+        resolve_sigma_max("data", None)  # a model without a data-driven value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def test_parse_seeds_and_sigma_max_choices():
 
 def test_exact_count_lossless_png_and_npz(real_export, tmp_path):
     """T19: exactly the requested images (7 seeds, batch 3: no rounding), PNG == npz, FID reads the set."""
-    from latentdiff.metrics.fid import open_samples
+    from latentdiff.metrics.image_sources import open_samples
 
     out = tmp_path / "s"
     res = sample_cli(real_export, out, "--seeds", "0-6", "--batch", 3, "--nfe", 7, "--grid", 4)
@@ -164,7 +166,7 @@ def test_exact_count_lossless_png_and_npz(real_export, tmp_path):
 
     assert res["export_hash"] == export_hash(real_export)
     src, sampling, _ = open_samples(out)  # the FID stage's reader: npz + seeds + sampling.json
-    assert len(src) == 7 and src.seeds.tolist() == list(range(7)) and sampling["nfe_used"] == res["nfe_used"]
+    assert len(src) == 7 and src.seeds.tolist() == list(range(7)) and sampling.nfe_used == res["nfe_used"]
 
 
 def test_identical_across_batch_sizes_and_padding(real_export, loaded, tmp_path):
@@ -181,7 +183,7 @@ def test_identical_across_batch_sizes_and_padding(real_export, loaded, tmp_path)
             ref = b
         assert b == ref, f"--batch {batch} --decode-batch {dec} changed the images"
     den, meta = loaded
-    kw = dict(num_classes=3, method="nfe-guided", nfe=5, sigma_max=meta["schedule"]["sigma_max"])
+    kw = dict(num_classes=3, method="nfe-guided", nfe=5, sigma_max=meta.schedule.sigma_max)
     full, _ = generate_latents(den, [0, 1, 2, 3, 4], (4, 16, 16), **kw)
     part, info = generate_latents(den, [3, 1], (4, 16, 16), pad_to=5, **kw)
     assert info.extra["rows"] == 5 and part.shape[0] == 2
@@ -229,7 +231,7 @@ def test_resume_redoes_only_missing_or_corrupt(real_export, tmp_path, capsys):
 
 
 def _counting_load_export(monkeypatch, counter):
-    import latentdiff.sampling.run as ex
+    import latentdiff.sampling.source as ex
 
     real = ex.load_export
 
@@ -291,7 +293,7 @@ def test_sigma_max_choice_reaches_the_grid(real_export, tmp_path, loaded):
     from latentdiff.diffusion.grids import VP_SIGMA_MAX
 
     _, meta = loaded
-    for choice, want in (("data", meta["schedule"]["sigma_max"]), ("edm", 80.0), ("vp", VP_SIGMA_MAX), ("2.5", 2.5)):
+    for choice, want in (("data", meta.schedule.sigma_max), ("edm", 80.0), ("vp", VP_SIGMA_MAX), ("2.5", 2.5)):
         res = sample_cli(real_export, tmp_path / choice, "--seeds", "0", "--nfe", 3, "--sigma-max", choice, "--grid", 0)
         assert res["sigma_grid"][0] == want and res["sigma_max"] == want and res["sigma_max_choice"] == choice
     for bad in ("0.001", "abc", "-3"):  # below sigma_min / not a choice / not positive
@@ -311,10 +313,10 @@ def test_cfg_scale_one_is_the_conditional_model(real_export, loaded, tmp_path, m
         img1, labels = z["arr_0"], torch.from_numpy(z["arr_1"])
     # by hand: the same noise, the conditional model alone, then the same decode
     noise = torch.stack([torch.randn((4, 16, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)])
-    sm = meta["schedule"]["sigma_max"]
+    sm = meta.schedule.sigma_max
     for denoise in (lambda x, s: den(x, s, labels), guided_denoiser(den, labels, scale=1.0)):
         z0 = sample(denoise, noise, method="nfe-guided", nfe=5, sigma_min=0.002, sigma_max=sm)
-        img = decode_to_uint8(z0, meta["normalization"], autoencoder=load_vae_for(meta["vae"]), batch_size=3)
+        img = decode_to_uint8(z0, meta.normalization, autoencoder=load_vae_for(meta.vae), batch_size=3)
         assert np.array_equal(img.permute(0, 2, 3, 1).numpy(), img1)
     # guidance outside every sigma of the grid: identical to w = 1
     sample_cli(real_export, tmp_path / "wout", "--seeds", "0-2", "--nfe", 5, "--cfg", 3, "--guidance-interval", "100,200",
@@ -372,22 +374,22 @@ def test_decode_applies_the_exact_inverse_normalization(tiny_dataset, loaded):
     from latentdiff.vae.decode import decode_to_uint8, load_vae_for, to_uint8
 
     _, meta = loaded
-    ae = load_vae_for(meta["vae"])
-    assert isinstance(ae, Autoencoder) and ae.weights_sha256 == meta["vae"]["weights_sha256"]
+    ae = load_vae_for(meta.vae)
+    assert isinstance(ae, Autoencoder) and ae.weights_sha256 == meta.vae["weights_sha256"]
     images = random_crops(5, 32, seed=3)[0].float()
     mean, _ = ae.encode(images)
-    norm = Normalization.from_dict(meta["normalization"])
+    norm = meta.normalization
     assert norm.kind == "channel" and len(set(norm.scale)) == 4  # a per-channel map: a swap is visible
     z = norm.to_model(mean)
     recon = to_uint8(ae.decode(mean))
-    out = decode_to_uint8(z, meta["normalization"], meta["vae"])  # loads the VAE named in the export
+    out = decode_to_uint8(z, meta.normalization, meta.vae)  # loads the VAE named in the export
     assert out.dtype == torch.uint8 and out.shape == (5, 3, 32, 32)
     assert (out.int() - recon.int()).abs().max() <= 1 and (out == recon).float().mean() > 0.999
     assert _psnr(out, recon) > 60
     assert torch.equal(decode_to_uint8(z, norm, autoencoder=ae, batch_size=2), decode_to_uint8(z, norm, autoencoder=ae, batch_size=2))
     # swapped / wrong metadata: far from the reconstruction
     perm = Normalization(norm.kind, norm.shift[::-1], norm.scale[::-1], norm.target_std)
-    sd = Normalization.sd(meta["vae"])
+    sd = Normalization.sd(meta.vae)
     shift_only = Normalization(norm.kind, [0.0] * 4, norm.scale, norm.target_std)
     for wrong in (perm, sd, shift_only):
         bad = decode_to_uint8(z, wrong, autoencoder=ae)
@@ -407,8 +409,8 @@ def test_decode_is_untiled_fp32_outside_autocast_even_if_the_caller_enabled_tili
     from latentdiff.vae.decode import decode_to_uint8, load_vae_for
 
     _, meta = loaded
-    ae = load_vae_for(meta["vae"])
-    norm = Normalization.from_dict(meta["normalization"])
+    ae = load_vae_for(meta.vae)
+    norm = meta.normalization
     z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5
     reference = decode_to_uint8(z, norm, autoencoder=ae)
 
@@ -436,6 +438,7 @@ def test_decode_is_untiled_fp32_outside_autocast_even_if_the_caller_enabled_tili
 
 
 def _edited_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of export ``src`` at ``dst`` whose model.json went through ``edit(dict)``."""
     shutil.copytree(src, dst)
     meta = json.loads((dst / "model.json").read_text())
     edit(meta)
@@ -443,53 +446,62 @@ def _edited_copy(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
+def _drop(path):
+    def f(m):
+        d = m
+        for k in path[:-1]:
+            d = d[k]
+        del d[path[-1]]
+    return f
+
+
+def _set(path, value):
+    def f(m):
+        d = m
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value(d.get(path[-1])) if callable(value) else value
+    return f
+
+
+def _both(*fs):
+    def f(m):
+        for g in fs:
+            g(m)
+    return f
+
+
+def _refused(d, out, needle, capsys):
+    sample_cli(d, out, "--seeds", "0", "--nfe", 3, expect=2)
+    err = capsys.readouterr().err
+    assert "latentdiff-sample:" in err and needle in err, (needle, err)
+    assert not (out / "images").exists() or not list((out / "images").iterdir())
+    return err
+
+
 def test_refuses_inconsistent_export_metadata_and_other_vae(real_export, tmp_path, capsys):
+    """T14: the sampler refuses an export whose schedule / normalization / VAE / classes do not fit together."""
     from latentdiff.data.synthetic import make_tiny_vae
 
-    def drop(path):
-        def f(m):
-            d = m
-            for k in path[:-1]:
-                d = d[k]
-            del d[path[-1]]
-        return f
-
-    def set_(path, value):
-        def f(m):
-            d = m
-            for k in path[:-1]:
-                d = d[k]
-            d[path[-1]] = value(d[path[-1]]) if callable(value) else value
-        return f
-
-    def both(*fs):
-        def f(m):
-            for g in fs:
-                g(m)
-        return f
-
+    norm = ["schedule", "normalization"]
     cases = {
-        "no_sigma_max": (drop(["schedule", "sigma_max"]), "sigma_max"),
-        "no_normalization": (drop(["normalization"]), "normalization"),
-        "norm_3_channels": (both(set_(["normalization", "scale"], lambda v: v[:3]), set_(["normalization", "shift"], lambda v: v[:3]),
-                                 set_(["schedule", "normalization", "scale"], lambda v: v[:3]),
-                                 set_(["schedule", "normalization", "shift"], lambda v: v[:3])), "channels"),
-        "model_3_channels": (set_(["model", "in_channels"], 3), "channels"),
-        "vae_8_channels": (set_(["vae", "latent_channels"], 8), "latent channels"),
-        "sigma_data": (set_(["precond", "sigma_data"], 0.7), "sigma_data"),
-        "sigma_max_vs_rule": (set_(["schedule", "sigma_max"], lambda v: v * 1.5), "sigma_max_rule"),
-        "norm_disagrees": (set_(["normalization", "scale"], lambda v: [s * 2 for s in v]), "disagrees"),
-        "sample_shape": (set_(["dataset", "sample_shape"], [4, 8, 8]), "sample_shape"),
-        "null_label": (set_(["null_label"], 0), "null"),
-        "vae_hash": (set_(["vae", "weights_sha256"], "0" * 64), "sha256"),
-        "sd_scale": (both(*(set_([*p, "kind"], "sd") for p in (["normalization"], ["schedule", "normalization"]))), "scaling_factor"),
+        "no_sigma_max": (_drop(["schedule", "sigma_max"]), "sigma_max"),
+        "no_normalization": (_drop(norm), "normalization"),
+        "norm_3_channels": (_both(_set([*norm, "scale"], lambda v: v[:3]), _set([*norm, "shift"], lambda v: v[:3])),
+                            "channels"),
+        "model_3_channels": (_set(["model", "in_channels"], 3), "channels"),
+        "vae_8_channels": (_set(["vae", "latent_channels"], 8), "latent channels"),
+        "sigma_data": (_set(["precond", "sigma_data"], 0.7), "sigma_data"),  # stored once, in the schedule
+        "bad_sigma_data": (_set(["schedule", "sigma_data"], -1.0), "sigma_data"),
+        "sigma_max_vs_rule": (_set(["schedule", "sigma_max"], lambda v: v * 1.5), "sigma_max_rule"),
+        "norm_twice": (lambda m: m.update(normalization=m["schedule"]["normalization"]), "stored once"),
+        "sample_shape": (_set(["dataset", "sample_shape"], [4, 8, 8]), "sample_shape"),
+        "null_label": (_set(["model", "null_label"], 7), "null"),
+        "vae_hash": (_set(["vae", "weights_sha256"], "0" * 64), "sha256"),
+        "sd_scale": (_set([*norm, "kind"], "sd"), "scaling_factor"),
     }
     for name, (edit, needle) in cases.items():
-        d = _edited_copy(real_export, tmp_path / name, edit)
-        sample_cli(d, tmp_path / f"out_{name}", "--seeds", "0", "--nfe", 3, expect=2)
-        err = capsys.readouterr().err
-        assert "latentdiff-sample:" in err and needle in err, (name, err)
-        assert not (tmp_path / f"out_{name}" / "images").exists() or not list((tmp_path / f"out_{name}" / "images").iterdir())
+        _refused(_edited_copy(real_export, tmp_path / name, edit), tmp_path / f"out_{name}", needle, capsys)
     # the same VAE architecture with other weights, passed with --vae: refused by its sha256
     other = make_tiny_vae(tmp_path / "other_vae", seed=1)
     sample_cli(real_export, tmp_path / "o", "--seeds", "0", "--nfe", 3, "--vae", other, expect=2)
@@ -499,6 +511,49 @@ def test_refuses_inconsistent_export_metadata_and_other_vae(real_export, tmp_pat
     meta = json.loads((real_export / "model.json").read_text())
     shutil.copytree(meta["vae"]["id"], tmp_path / "vae_copy")
     sample_cli(real_export, tmp_path / "ok", "--seeds", "0", "--nfe", 3, "--vae", tmp_path / "vae_copy", "--grid", 0)
+
+
+# the top-level fields of model.json as latentdiff-export wrote them before format_version 2
+V1_FIELDS = ["checkpoint", "dataset", "format", "format_version", "images_seen", "label_dropout", "model",
+             "normalization", "null_label", "num_classes", "precond", "schedule", "step", "train_config", "vae",
+             "weights"]
+
+
+def _as_v1(m: dict) -> None:
+    """model.json as the format_version 1 exporter wrote it: normalization, sigma_data, the classes and the
+    VAE stored twice, the label dropout beside the training config, and EDM's sigma_max constant."""
+    m["format_version"] = 1
+    m["normalization"] = m["schedule"]["normalization"]
+    m["precond"]["sigma_data"] = m["schedule"]["sigma_data"]
+    m["num_classes"] = m["model"]["num_classes"]
+    m["null_label"] = m["model"]["null_label"]
+    m["dataset"]["vae"] = m["vae"]
+    m["label_dropout"] = m["train_config"]["label_dropout"]
+    m["schedule"]["sigma_max_edm"] = 80.0
+    assert sorted(m) == V1_FIELDS
+
+
+def test_format_version_1_exports_load_or_are_refused_with_the_fix(real_export, tmp_path, capsys):
+    """An export written before model.json stored each value once still samples the same images; one
+    whose two copies of a value disagree is refused with the command that re-exports it."""
+    from latentdiff.contracts.export import ExportMeta
+
+    v1 = _edited_copy(real_export, tmp_path / "v1", _as_v1)
+    assert ExportMeta.read(v1).to_dict() == ExportMeta.read(real_export).to_dict()
+    sample_cli(real_export, tmp_path / "s2", "--seeds", "0-2", "--nfe", 5, "--grid", 0)
+    res = sample_cli(v1, tmp_path / "s1", "--seeds", "0-2", "--nfe", 5, "--grid", 0)
+    assert png_bytes(tmp_path / "s1") == png_bytes(tmp_path / "s2") and res["ema_profile"] == "ema-0.999"
+    cases = {
+        "norm_disagrees": (_set(["normalization", "scale"], lambda v: [s * 2 for s in v]), "disagrees"),
+        "sigma_data": (_set(["precond", "sigma_data"], 0.7), "sigma_data"),
+        "null_label": (_set(["null_label"], 0), "null"),
+        "num_classes": (_set(["num_classes"], 2), "num_classes"),
+        "other_vae": (_set(["dataset", "vae"], "none"), "VAE"),
+        "no_normalization": (_drop(["normalization"]), "normalization"),
+    }
+    for name, (edit, needle) in cases.items():
+        err = _refused(_edited_copy(v1, tmp_path / name, edit), tmp_path / f"out_{name}", needle, capsys)
+        assert "format_version 1" in err and "latentdiff-export RUN" in err, err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -629,3 +684,37 @@ def test_sampler_study_and_overhead_tools(real_export, tmp_path):
     assert res["reference"]["rms_vs_half_steps"] < 0.1 * heun["error"][0] and res["setup"]["dtype"] == "float64"
     assert heun["used"] == [7, 13, 25] and heun["error"][2] < heun["error"][0]  # converges towards the reference
     assert math.isfinite(heun["order"]) and "| EDM Heun |" in (out / "table.md").read_text()
+
+
+def test_record_reads_the_decode_settings_from_the_autoencoder(real_export, tmp_path, monkeypatch):
+    """sampling.json's vae_decode_precision / vae_tiling are what the autoencoder reports, not literals."""
+    from latentdiff.vae.autoencoder import Autoencoder
+
+    res = sample_cli(real_export, tmp_path / "real", "--seeds", "0", "--nfe", 3, "--grid", 0)
+    assert (res["vae_decode_precision"], res["vae_tiling"]) == ("fp32", False)
+    monkeypatch.setattr(Autoencoder, "decode_precision", property(lambda self: "bf16"))
+    monkeypatch.setattr(Autoencoder, "tiling", property(lambda self: True))
+    res = sample_cli(real_export, tmp_path / "patched", "--seeds", "0", "--nfe", 3, "--grid", 0)
+    assert (res["vae_decode_precision"], res["vae_tiling"]) == ("bf16", True)
+
+
+def test_sample_config_from_yaml_and_flags_with_help(tmp_path):
+    """SampleConfig: YAML, then flags; every field's flag has its help text; options only when given."""
+    from latentdiff.cli.sample import build_parser
+    from latentdiff.sampling.config import SampleConfig
+    from latentdiff.utils.config import config_from_args
+    from latentdiff.utils.errors import ConfigError
+
+    y = tmp_path / "sample.yaml"
+    y.write_text("solver: edm-stochastic\nnfe: 9\nno_npz: true\nseeds: 0-3\ns_churn: 5\n")
+    cfg = config_from_args(SampleConfig, build_parser().parse_args(["--config", str(y), "--nfe", "11", "--no-progress"]))
+    assert (cfg.solver, cfg.nfe, cfg.no_npz, cfg.no_progress, cfg.seeds) == ("edm-stochastic", 11, True, True, "0-3")
+    assert cfg.steps is None and cfg.solver_options() == {"s_churn": 5.0}
+    text = build_parser().format_help()
+    for flag, words in (("--decode-batch", "latents per VAE decode"), ("--h-tau", "Algorithm 1"), ("--no-npz", "samples.npz")):
+        assert flag in text and words in text
+    y.write_text("solvr: heun\n")
+    with pytest.raises(ConfigError, match="solver"):
+        config_from_args(SampleConfig, build_parser().parse_args(["--config", str(y)]))
+    with pytest.raises(SampleError, match="s_churn"):  # an option the solver does not use is refused
+        SampleConfig(export="e", out="o", solver="heun", s_churn=1.0).validate()

@@ -124,7 +124,7 @@ def test_wsnr_aligned_schedule_equals_analytic_shift(tiny_dataset):
     st = DatasetStats.load(tiny_dataset)
     for norm, dc in (("channel", True), ("sd", True), ("channel", False)):
         cfg = TrainConfig(dataset=str(tiny_dataset), normalization=norm, wsnr_include_dc=dc)
-        s = resolve_schedule(cfg)
+        s = resolve_schedule(cfg).to_dict()
         n = Normalization.from_dict(s["normalization"])
         # model-space sampled latents, brute force: spectrum of (m + s*eps - shift) * scale, Monte Carlo-free:
         # E|F((z - a) k)|^2 = k^2 (|F(m - a)|^2 + mean s^2) per image, exact via the stored sums

@@ -121,7 +121,7 @@ def main():
             "export_vs_engine": float((exported - live).abs().max()),
             "live_scale": float(live.abs().max()),
             "ema0_vs_engine": ema0,
-            "schedule": tr.schedule,
+            "schedule": tr.schedule.to_dict(),
             "zero_stage": tr.zero_stage,
             "step": tr.step,
         }, open(out_path, "w"))

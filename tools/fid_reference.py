@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentdiff.utils import dist as ldist
 from latentdiff.metrics import fid as F
-from latentdiff.metrics import frechet, image_sources, inception
+from latentdiff.metrics import frechet, image_sources, inception, reference
+from latentdiff.utils import dist as ldist
 from latentdiff.utils.errors import FIDError, LatentdiffError
 
 PREPROCESSING = {
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             entries = entries[: args.max_images]
         if not entries:
             raise FIDError(f"no images found in {', '.join(args.inputs)}")
-        F.check_count(len(entries), args.allow_small, frechet.MIN_SAMPLES, ", ".join(args.inputs))
+        frechet.check_count(len(entries), args.allow_small, frechet.MIN_SAMPLES, ", ".join(args.inputs))
         initialized_here = ldist.init_distributed()
         if ldist.get_world_size() > 1:
             prefix = f"fid_reference[rank {ldist.get_rank()}]"
@@ -209,16 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         skipped = images.skipped
         num_skipped = images.num_skipped
-        if F.is_distributed():
-            import torch.distributed as dist
-
-            gathered: list = [None] * ldist.get_world_size()
-            dist.all_gather_object(gathered, (num_skipped, skipped))
-            num_skipped = sum(g[0] for g in gathered)
-            skipped = [s for g in gathered for s in g[1]][:MAX_SKIPS_LISTED]
+        gathered = ldist.all_gather_object((num_skipped, skipped))
+        num_skipped = sum(g[0] for g in gathered)
+        skipped = [s for g in gathered for s in g[1]][:MAX_SKIPS_LISTED]
         if ldist.get_rank() == 0:
             provenance = {
-                "format": frechet.REFERENCE_FORMAT,
+                "format": reference.REFERENCE_FORMAT,
                 "source": [str(Path(x).resolve()) for x in args.inputs],
                 "source_type": "images",
                 "count": n,
@@ -239,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "created": F._now(),
                 "command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
             }
-            npz, prov = frechet.save_reference(out, mu, sigma, provenance)
+            npz, prov = reference.save_reference(out, mu, sigma, provenance)
             print(f"reference statistics of {n} images ({num_skipped} skipped) -> {npz} + {prov.name}")
         return 0
     except LatentdiffError as e:

@@ -12,41 +12,26 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from latentdiff.metrics.config import FIDConfig
 from latentdiff.metrics.fid import evaluate
-from latentdiff.metrics.frechet import MIN_SAMPLES, check_count, load_reference
-from latentdiff.metrics.image_sources import open_samples, select_seeds
-from latentdiff.metrics.image_sources import parse_seed_set as parse_seeds
-from latentdiff.metrics.inception import WEIGHTS_ENV, download_inception_weights, load_feature_extractor
+from latentdiff.metrics.frechet import MIN_SAMPLES, check_count
+from latentdiff.metrics.image_sources import open_samples, parse_seed_set, select_seeds
+from latentdiff.metrics.inception import download_inception_weights, load_feature_extractor
+from latentdiff.metrics.reference import load_reference
 from latentdiff.utils import dist as ldist
-from latentdiff.utils.dist import hard_exit
-from latentdiff.utils.errors import FIDError
+from latentdiff.utils.config import add_config_flags, config_from_args, field_help
+from latentdiff.utils.errors import LatentdiffError
 from latentdiff.utils.io import atomic_write_json
 
-__all__ = ["main", "cli"]
+__all__ = ["build_parser", "main", "cli"]
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="latentdiff-fid",
-        description="FID of generated samples against reference statistics (torch-fidelity's TF-compatible "
-        "Inception-v3). Run under torchrun/srun to split the images over ranks.",
-    )
-    p.add_argument("samples", nargs="*", help="samples directories (PNGs or samples.npz) or ADM samples.npz files")
-    p.add_argument("--ref", help="reference statistics .npz (mu, sigma), e.g. from tools/fid_reference.py, EDM or ADM")
-    p.add_argument(
-        "--seeds",
-        action="append",
-        help="seed range(s) to evaluate, e.g. 0-49999; repeat for several FIDs (min/mean reported)",
-    )
-    p.add_argument("--inception-weights", help=f"torch-fidelity Inception state dict (default: ${WEIGHTS_ENV} or the torch hub cache)")
-    p.add_argument("--download-weights", action="store_true", help="explicitly download the official weights to the torch hub cache")
-    p.add_argument("--allow-small", action="store_true", help=f"allow fewer than {MIN_SAMPLES} samples (smoke tests only)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass per rank (default 64)")
-    p.add_argument("--input-format", choices=("auto", "png", "npz"), default="auto")
-    p.add_argument("--out", help="fid.json path (default: SAMPLES/fid.json for one samples directory, else ./fid.json)")
-    p.add_argument("--save-stats", help="also write the samples' statistics (.npz + provenance) for a single run")
-    p.add_argument("--device", help="torch device (default: this rank's accelerator device)")
-    p.add_argument("--no-progress", action="store_true")
+def build_parser() -> argparse.ArgumentParser:
+    """The positional SAMPLES, ``--config`` (a YAML file of FIDConfig fields) and one flag per other field."""
+    p = argparse.ArgumentParser(prog="latentdiff-fid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    samples = next(f for f in FIDConfig.__dataclass_fields__.values() if f.name == "samples")
+    p.add_argument("samples", nargs="*", help=field_help(samples))
+    add_config_flags(p, FIDConfig, skip=("samples",))
     return p
 
 
@@ -57,56 +42,51 @@ def _default_out(samples: list[str]) -> Path:
     return Path("fid.json")
 
 
+def _precheck(cfg: FIDConfig) -> None:
+    """The cheap checks (reference, paths, seeds, counts) before the network loads or a group starts."""
+    load_reference(cfg.ref)
+    for s in cfg.samples:
+        src, _, _ = open_samples(s, cfg.input_format)
+        for spec in cfg.seed_specs:
+            chosen = select_seeds(src, parse_seed_set(spec), s) if spec is not None else src
+            check_count(len(chosen), cfg.allow_small, MIN_SAMPLES, s + (f" seeds {spec}" if spec else ""))
+
+
+def _write(cfg: FIDConfig, report: dict) -> None:
+    out = Path(cfg.out) if cfg.out else _default_out(cfg.samples)
+    atomic_write_json(out, report)
+    for r in report["runs"]:
+        print(f"FID {r['fid']:.4f}  n={r['num_samples']}  seeds={r['seeds']}  {r['samples']}")
+    if report["num_runs"] > 1:
+        print(f"FID min {report['fid_min']:.4f}  mean {report['fid_mean']:.4f}  over {report['num_runs']} runs")
+    print(f"wrote {out}")
+
+
+def _run(cfg: FIDConfig, argv) -> None:
+    extractor = load_feature_extractor(cfg.inception_weights, device=cfg.device, download=cfg.download_weights)
+    report = evaluate(cfg.samples, cfg.ref, extractor, seeds=cfg.seed_specs, batch_size=cfg.batch_size,
+                      allow_small=cfg.allow_small, input_format=cfg.input_format, progress=not cfg.no_progress,
+                      save_stats=cfg.save_stats)
+    report["command"] = [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+    if ldist.get_rank() == 0:
+        _write(cfg, report)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    prefix = "latentdiff-fid"
-    initialized_here = False
+    args = build_parser().parse_args(argv)
+    prefix, initialized_here = "latentdiff-fid", False
     try:
-        if args.download_weights and not args.samples:
-            path = download_inception_weights(args.inception_weights)
-            print(f"Inception weights at {path}")
+        cfg = config_from_args(FIDConfig, args, {"samples": args.samples} if args.samples else None)
+        if cfg.download_weights and not cfg.samples:
+            print(f"Inception weights at {download_inception_weights(cfg.inception_weights)}")
             return 0
-        if not args.samples or not args.ref:
-            raise FIDError("give --ref REF.npz and at least one samples directory or samples.npz")
-        if args.batch_size < 1:
-            raise FIDError(f"--batch-size must be >= 1, got {args.batch_size}")
-        seeds = args.seeds or [None]
-        for s in seeds:
-            if s is not None:
-                parse_seeds(s)
-        ref = load_reference(args.ref)
-        # cheap validation before loading the network / starting the group
-        for s in args.samples:
-            src, _, _ = open_samples(s, args.input_format)
-            for spec in seeds:
-                chosen = select_seeds(src, parse_seeds(spec), s) if spec is not None else src
-                check_count(len(chosen), args.allow_small, MIN_SAMPLES, s + (f" seeds {spec}" if spec else ""))
+        _precheck(cfg.validate())
         initialized_here = ldist.init_distributed()
         if ldist.get_world_size() > 1:
             prefix = f"latentdiff-fid[rank {ldist.get_rank()}]"
-        extractor = load_feature_extractor(args.inception_weights, device=args.device, download=args.download_weights)
-        report = evaluate(
-            args.samples,
-            ref,
-            extractor,
-            seeds=seeds,
-            batch_size=args.batch_size,
-            allow_small=args.allow_small,
-            input_format=args.input_format,
-            progress=not args.no_progress,
-            save_stats=args.save_stats,
-        )
-        report["command"] = [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
-        out = Path(args.out) if args.out else _default_out(args.samples)
-        if ldist.get_rank() == 0:
-            atomic_write_json(out, report)
-            for r in report["runs"]:
-                print(f"FID {r['fid']:.4f}  n={r['num_samples']}  seeds={r['seeds']}  {r['samples']}")
-            if report["num_runs"] > 1:
-                print(f"FID min {report['fid_min']:.4f}  mean {report['fid_mean']:.4f}  over {report['num_runs']} runs")
-            print(f"wrote {out}")
+        _run(cfg, argv)
         return 0
-    except FIDError as e:
+    except LatentdiffError as e:  # FIDError, ConfigError, ...: one line naming the input and the fix
         print(f"{prefix}: error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -115,8 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Console-script entry point: ``main`` then a hard exit (see ``latentdiff.dist.hard_exit``)."""
-    hard_exit(main())
+    """Console-script entry point: ``main`` then a hard exit (see ``latentdiff.utils.dist.hard_exit``)."""
+    ldist.hard_exit(main())
 
 
 if __name__ == "__main__":

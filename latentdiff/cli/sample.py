@@ -25,7 +25,7 @@ Determinism
 Outputs
 -------
 Latents are mapped back with the export's exact inverse normalization (in float64) and decoded by the
-VAE named in the export in fp32, untiled, outside autocast (traps T1, T3, T20); images are saved as
+VAE named in the export in fp32, untiled, outside autocast; images are saved as
 lossless PNG (``tEXt`` chunk ``latentdiff`` = ``{"seed": s, "label": y}``), then rank 0 writes
 ``samples.npz`` (``arr_0`` uint8 NHWC in seed order as ADM/EDM evaluators expect, ``arr_1`` the class
 labels of a class-conditional model as ADM does, ``seeds``), ``grid.png`` and ``sampling.json``
@@ -49,8 +49,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from latentdiff.sampling.config import SampleConfig
 from latentdiff.sampling.run import run
-from latentdiff.solvers.registry import DEFAULT_SAMPLER, SAMPLERS
+from latentdiff.utils.config import add_config_flags, config_from_args
 from latentdiff.utils.dist import hard_exit
 from latentdiff.utils.errors import LatentdiffError
 
@@ -58,56 +59,28 @@ __all__ = ["build_parser", "main", "cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``--config`` (a YAML file of SampleConfig fields) and one flag per field, e.g. ``--decode-batch``."""
     p = argparse.ArgumentParser(prog="latentdiff-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--export", help="export directory (model.json + safetensors) from latentdiff-export")
-    src.add_argument("--diffusers-unet", help="a local diffusers UNet2DModel (epsilon-prediction DDPM) or pipeline directory")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seeds", default="0-63", help="seed list/ranges, e.g. 0-49999 (one image per seed)")
-    p.add_argument("--batch", type=int, default=64, help="images per network forward per rank (fixed forward shape)")
-    p.add_argument("--decode-batch", type=int, default=8, help="latents per VAE decode (fixed decode shape)")
-    p.add_argument("--solver", default=DEFAULT_SAMPLER, choices=list(SAMPLERS), help=f"ODE solver (default {DEFAULT_SAMPLER})")
-    p.add_argument("--nfe", type=int, default=35, help="denoiser evaluations per image (budget, never exceeded)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="noise levels instead of an NFE budget (fixed-method solvers; required by hybrid)")
-    p.add_argument("--sigma-max", default="data", help="data (export's data-driven value), edm (80), vp (~152) or a number")
-    p.add_argument("--sigma-min", type=float, default=None, help="default: the export's sigma_min (0.002)")
-    p.add_argument("--rho", type=float, default=7.0, help="Karras grid exponent (edm.txt Eq. 5)")
-    p.add_argument("--placement", choices=("log", "classical"), default=None,
-                   help="RK stage noise levels: log (wsnr.txt Alg. 3, default) or classical")
-    p.add_argument("--h-tau", type=float, default=None, help="nfe-guided: step-size threshold of Algorithm 1")
-    p.add_argument("--num-ode3", type=int, default=None, help="hybrid: number of third-order steps (largest sigma first)")
-    p.add_argument("--midpoint", action="store_true", help="hybrid: midpoint instead of Heun for the second-order steps")
-    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale w: D_u + w (D_c - D_u); 1 = conditional model")
-    p.add_argument("--guidance-interval", default=None, help="sigma_lo,sigma_hi: guide only inside this interval")
-    p.add_argument("--class-label", type=int, default=None, help="one class for every image (default: drawn per seed)")
-    p.add_argument("--weights", default="ema", help="ema (largest rate), an EMA rate such as 0.9999, or raw")
-    p.add_argument("--vae", default=None, help="load the export's VAE from this directory (its sha256 is still checked)")
-    p.add_argument("--s-churn", type=float, default=None, help="edm-stochastic: S_churn (default 0)")
-    p.add_argument("--s-tmin", type=float, default=None, help="edm-stochastic: S_tmin")
-    p.add_argument("--s-tmax", type=float, default=None, help="edm-stochastic: S_tmax")
-    p.add_argument("--s-noise", type=float, default=None, help="edm-stochastic: S_noise")
-    p.add_argument("--grid", type=int, default=64, help="images in grid.png (0 = none)")
-    p.add_argument("--no-npz", action="store_true", help="do not write samples.npz")
-    p.add_argument("--no-progress", action="store_true")
+    add_config_flags(p, SampleConfig)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        res = run(args)
+        cfg = config_from_args(SampleConfig, args)
+        res = run(cfg)
     except LatentdiffError as e:  # SampleError, ExportError, ConfigError: one line naming the field and the fix
         print(f"latentdiff-sample: {e}", file=sys.stderr)
         return 2
     if res:
-        print(f"wrote {res['num_images']} images to {args.out} ({res['solver']}, NFE used {res['nfe_used']}, "
-              f"{res['generated_this_run']} generated now)")
+        print(f"wrote {res.num_images} images to {cfg.out} ({res.solver}, NFE used {res.nfe_used}, "
+              f"{res.generated_this_run} generated now)")
     return 0
 
 
 def cli() -> None:
-    """Console-script entry point: ``main`` then a hard exit (see ``latentdiff.dist.hard_exit``)."""
+    """Console-script entry point: ``main`` then a hard exit (see ``latentdiff.utils.dist.hard_exit``)."""
     hard_exit(main())
 
 

@@ -1,4 +1,4 @@
-"""FID statistics and distance: float64 feature moments across ranks, the Fréchet distance, reference files.
+"""FID statistics and distance: float64 feature moments across ranks and the Fréchet distance.
 
 Statistics: every rank extracts features for a disjoint part of the images; the float64 feature sum,
 the float64 sum of outer products and the count are all-reduced, then ``mu = S/n`` and
@@ -9,31 +9,23 @@ Distance: ``||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`` in float64
 relative residual ``||R R - S1 S2||_F / ||S1 S2||_F``); when a check fails the standard fallback adds
 ``eps * I`` to both covariances (with a warning) and a second failure raises.
 
-Reference files: ``.npz`` with float64 ``mu`` (D,) and ``sigma`` (D, D) - the keys EDM's ``fid.py ref``
-and ADM's ``VIRTUAL_*.npz`` use, so their files load here and ours load there - plus a provenance JSON
-beside it (``ref.npz`` -> ``ref.provenance.json``: source, count, resolution, preprocessing, feature
-extractor, weights hash, sha256 of the ``.npz``).
+Reference files are :mod:`latentdiff.metrics.reference`.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import io
-import os
 import warnings
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import scipy.linalg
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
-from latentdiff.utils import dist as ldist
-from latentdiff.utils.io import atomic_write_bytes, atomic_write_json
-from latentdiff.utils.io import sha256_file
-from latentdiff.utils.errors import FIDError
-from latentdiff.metrics.image_sources import ArrayImages, ImageSource, as_uint8_nchw, read_json
+from latentdiff.metrics.image_sources import ArrayImages, ImageSource, as_uint8_nchw
 from latentdiff.metrics.inception import FEATURE_DIM
+from latentdiff.utils import dist as ldist
+from latentdiff.utils.errors import FIDError
 
 __all__ = [
     "MIN_SAMPLES",
@@ -41,61 +33,35 @@ __all__ = [
     "FeatureAccumulator",
     "check_count",
     "feature_dim",
-    "is_distributed",
-    "broadcast_floats",
+    "several_ranks",
     "compute_statistics",
     "frechet_distance",
-    "Reference",
-    "provenance_path",
-    "save_reference",
-    "load_reference",
 ]
 
 MIN_SAMPLES = 2048
 RECOMMENDED_SAMPLES = 50_000
 SQRTM_IMAG_ATOL = 1e-3
 SQRTM_RESIDUAL_RTOL = 1e-5
-REFERENCE_FORMAT = "latentdiff-fid-reference/1"
 
 
 # --------------------------------------------------------------------------------------------
 # statistics
 
 
-def _collective_device() -> torch.device:
-    import torch.distributed as dist
-
-    return torch.device("cpu") if dist.get_backend() == "gloo" else ldist.device()
-
-
-def is_distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def several_ranks() -> bool:
+    """Is a process group of more than one rank active (the statistics are then all-reduced)?"""
+    return ldist.is_distributed() and dist.get_world_size() > 1
 
 
-def _all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce of a CPU tensor (moved to the backend's device when needed)."""
-    import torch.distributed as dist
-
-    if not is_distributed():
+def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks of a CPU tensor (moved to the backend's device when it is not gloo)."""
+    if not several_ranks():
         return t
-    dev = _collective_device()
-    buf = t.to(dev)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    buf = t.to(torch.device("cpu") if dist.get_backend() == "gloo" else ldist.device())
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     if buf is not t:
         t.copy_(buf.to(t.device))
     return t
-
-
-def broadcast_floats(values: list[float], src: int = 0) -> list[float]:
-    import torch.distributed as dist
-
-    if not is_distributed():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    dist.broadcast(t, src=src)
-    return t.cpu().tolist()
 
 
 class FeatureAccumulator:
@@ -119,7 +85,7 @@ class FeatureAccumulator:
 
     def all_reduce(self) -> None:
         """Sum ``n``, the feature sum and the outer products over ranks (every rank must call this)."""
-        if not is_distributed():
+        if not several_ranks():
             return
         n = torch.tensor([float(self.n)], dtype=torch.float64)
         _all_reduce_(n)
@@ -152,6 +118,39 @@ def feature_dim(extractor) -> int:
     return int(getattr(extractor, "feature_dim", FEATURE_DIM))
 
 
+def _features_of_source(images: ImageSource, extractor, acc: FeatureAccumulator, batch_size: int, local: list,
+                        bar) -> None:
+    for start in range(0, len(local), batch_size):
+        idx = local[start : start + batch_size]
+        x = images.batch(idx)
+        if x.shape[0]:  # a source may drop undecodable images
+            acc.update(extractor(x))
+        bar.update(len(idx))
+
+
+def _features_of_batches(images, extractor, acc: FeatureAccumulator, batch_size: int, shard: bool, bar) -> None:
+    rank, world = (ldist.get_rank(), ldist.get_world_size()) if several_ranks() else (0, 1)
+    for i, b in enumerate(images):
+        if shard and i % world != rank:
+            continue
+        x = as_uint8_nchw(b, f"batch {i}")
+        for start in range(0, x.shape[0], batch_size):
+            acc.update(extractor(x[start : start + batch_size]))
+        bar.update(x.shape[0])
+
+
+def _agree_on_failure(error: BaseException | None, rank: int) -> None:
+    """Every rank learns whether any rank failed (no rank is left waiting in the all-reduce), then raises."""
+    if several_ranks():
+        flag = _all_reduce_(torch.tensor([1.0 if error is not None else 0.0], dtype=torch.float64))
+        if flag.item() > 0 and error is None:
+            raise FIDError(f"feature extraction failed on {int(flag.item())} other rank(s); see their error messages")
+    if error is not None:
+        if isinstance(error, FIDError):
+            raise error
+        raise FIDError(f"feature extraction failed on rank {rank}: {type(error).__name__}: {error}") from error
+
+
 def compute_statistics(
     images,
     extractor: Callable[[torch.Tensor], torch.Tensor],
@@ -174,54 +173,29 @@ def compute_statistics(
     """
     if batch_size < 1:
         raise FIDError(f"batch_size must be >= 1, got {batch_size}")
-    rank, world = (ldist.get_rank(), ldist.get_world_size()) if is_distributed() else (0, 1)
+    rank, world = (ldist.get_rank(), ldist.get_world_size()) if several_ranks() else (0, 1)
     if isinstance(images, (np.ndarray, torch.Tensor)):
         images = ArrayImages(images)
     acc = FeatureAccumulator(feature_dim(extractor))
     error: BaseException | None = None
-    show = progress and rank == 0
-    from tqdm.auto import tqdm
-
-    if isinstance(images, ImageSource):
+    is_source = isinstance(images, ImageSource)
+    if is_source:
         shard = True if shard is None else shard
         if shard:
             check_count(len(images), allow_small, min_samples, images.description or "images")
         local = list(range(rank, len(images), world)) if shard else list(range(len(images)))
-        bar = tqdm(total=len(local), unit="img", desc=desc, disable=not show, dynamic_ncols=True)
-        try:
-            for start in range(0, len(local), batch_size):
-                idx = local[start : start + batch_size]
-                x = images.batch(idx)
-                if x.shape[0]:  # a source may drop undecodable images
-                    acc.update(extractor(x))
-                bar.update(len(idx))
-        except Exception as e:  # re-raised after the other ranks were told (no hang in all_reduce)
-            error = e
-        finally:
-            bar.close()
-    else:
-        bar = tqdm(unit="img", desc=desc, disable=not show, dynamic_ncols=True)
-        try:
-            for i, b in enumerate(images):
-                if shard and i % world != rank:
-                    continue
-                x = as_uint8_nchw(b, f"batch {i}")
-                for start in range(0, x.shape[0], batch_size):
-                    acc.update(extractor(x[start : start + batch_size]))
-                bar.update(x.shape[0])
-        except Exception as e:
-            error = e
-        finally:
-            bar.close()
-    if is_distributed():
-        flag = torch.tensor([1.0 if error is not None else 0.0], dtype=torch.float64)
-        _all_reduce_(flag)
-        if flag.item() > 0 and error is None:
-            raise FIDError(f"feature extraction failed on {int(flag.item())} other rank(s); see their error messages")
-    if error is not None:
-        if isinstance(error, FIDError):
-            raise error
-        raise FIDError(f"feature extraction failed on rank {rank}: {type(error).__name__}: {error}") from error
+    bar = tqdm(total=len(local) if is_source else None, unit="img", desc=desc, disable=not (progress and rank == 0),
+               dynamic_ncols=True)
+    try:
+        if is_source:
+            _features_of_source(images, extractor, acc, batch_size, local, bar)
+        else:
+            _features_of_batches(images, extractor, acc, batch_size, shard, bar)
+    except Exception as e:  # re-raised after the other ranks were told (no hang in all_reduce)
+        error = e
+    finally:
+        bar.close()
+    _agree_on_failure(error, rank)
     acc.all_reduce()
     check_count(acc.n, allow_small, min_samples, getattr(images, "description", "") or "images")
     return acc.statistics()
@@ -232,8 +206,7 @@ def compute_statistics(
 
 
 def _checked_sqrtm(a: np.ndarray, imag_atol: float, residual_rtol: float) -> tuple[np.ndarray | None, dict]:
-    import scipy.linalg
-
+    """The matrix square root of ``a`` and its diagnostics, or (None, diagnostics naming the problem)."""
     info: dict[str, Any] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -316,98 +289,3 @@ def frechet_distance(
             )
     value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(root))
     return (value, info) if return_info else value
-
-
-# --------------------------------------------------------------------------------------------
-# reference statistics
-
-
-@dataclasses.dataclass
-class Reference:
-    path: Path
-    mu: np.ndarray
-    sigma: np.ndarray
-    provenance: dict | None
-    sha256: str
-
-    @property
-    def resolution(self):
-        return None if self.provenance is None else self.provenance.get("resolution")
-
-
-def provenance_path(path: str | os.PathLike) -> Path:
-    """``ref.npz`` -> ``ref.provenance.json`` (same directory)."""
-    path = Path(path)
-    stem = path.name[:-4] if path.name.endswith(".npz") else path.name
-    return path.with_name(stem + ".provenance.json")
-
-
-def _check_stats(mu: np.ndarray, sigma: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
-    mu = np.asarray(mu, dtype=np.float64)
-    sigma = np.asarray(sigma, dtype=np.float64)
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise FIDError(f"{where}: 'mu' must be (D,) and 'sigma' (D, D), got {mu.shape} and {sigma.shape}")
-    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
-        raise FIDError(f"{where}: 'mu'/'sigma' contain NaN or Inf")
-    scale = max(float(np.max(np.abs(sigma))), 1e-300)
-    if float(np.max(np.abs(sigma - sigma.T))) > 1e-6 * scale:
-        raise FIDError(f"{where}: 'sigma' is not symmetric; not a covariance matrix")
-    return mu, sigma
-
-
-def save_reference(path: str | os.PathLike, mu, sigma, provenance: Mapping | None = None) -> tuple[Path, Path]:
-    """Write ``path`` (``.npz`` with float64 ``mu``, ``sigma``) and its provenance JSON beside it."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise FIDError(f"reference statistics file must end in .npz, got {path}")
-    mu, sigma = _check_stats(mu, sigma, str(path))
-    buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma)
-    data = buf.getvalue()
-    atomic_write_bytes(path, data)
-    prov = dict(provenance or {})
-    prov.setdefault("format", REFERENCE_FORMAT)
-    prov["feature_dim"] = int(mu.shape[0])
-    prov["stats_file"] = path.name
-    prov["stats_sha256"] = hashlib.sha256(data).hexdigest()
-    ppath = provenance_path(path)
-    atomic_write_json(ppath, prov)
-    return path, ppath
-
-
-def load_reference(path: str | os.PathLike) -> Reference:
-    """Reference ``mu``/``sigma`` from an ``.npz`` (ours, EDM's or ADM's) + provenance if present."""
-    path = Path(path)
-    if not path.is_file():
-        raise FIDError(
-            f"reference statistics {path} not found; build them with `python tools/fid_reference.py IMAGES "
-            "--out REF.npz --resolution R` or download EDM/ADM reference .npz files"
-        )
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            keys = list(data.keys())
-            if "mu" not in keys or "sigma" not in keys:
-                hint = (
-                    " (it holds images under arr_0: compute statistics with tools/fid_reference.py on it)"
-                    if "arr_0" in keys
-                    else ""
-                )
-                raise FIDError(f"reference {path} lacks 'mu' and/or 'sigma' (keys: {', '.join(keys) or 'none'}){hint}")
-            mu, sigma = data["mu"], data["sigma"]
-    except FIDError:
-        raise
-    except Exception as e:
-        raise FIDError(f"cannot read reference statistics {path}: {e}") from e
-    mu, sigma = _check_stats(mu, sigma, str(path))
-    digest = sha256_file(path)
-    ppath = provenance_path(path)
-    provenance = None
-    if ppath.is_file():
-        provenance = read_json(ppath)
-        recorded = provenance.get("stats_sha256")
-        if recorded is not None and recorded != digest:
-            raise FIDError(
-                f"{ppath} describes a different statistics file (stats_sha256 {recorded[:12]}... != sha256 of "
-                f"{path.name} {digest[:12]}...): the .npz was replaced; rebuild the reference or remove the stale provenance"
-            )
-    return Reference(path=path, mu=mu, sigma=sigma, provenance=provenance, sha256=digest)

@@ -3,7 +3,8 @@
 A directory of PNGs (searched recursively; files whose name starts with ``grid`` are skipped; the seed
 is the trailing integer of the file name, e.g. ``000123.png``) or an ADM-format ``samples.npz``
 (``arr_0``: uint8 NHWC; seeds from an ``npz`` key ``seeds`` or from ``sampling.json``), or any uint8
-array.  :func:`open_samples` also returns the ``sampling.json`` found beside the samples.
+array.  :func:`open_samples` also returns the sampling record
+(:class:`~latentdiff.contracts.sampling.SamplingRecord`) found beside the samples.
 """
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import struct
 import warnings
 import zipfile
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from latentdiff.utils.errors import FIDError
+from latentdiff.contracts.sampling import SAMPLING_JSON, SamplingRecord
+from latentdiff.utils.errors import FIDError, SampleError
 from latentdiff.utils.seeds import format_seeds, parse_seeds
 
 __all__ = [
@@ -228,8 +231,6 @@ class PngFolder(ImageSource):
         return str(self.files[i])
 
     def _read(self, i: int) -> np.ndarray:
-        from PIL import Image
-
         p = self.files[i]
         try:
             with Image.open(p) as im:
@@ -242,8 +243,6 @@ class PngFolder(ImageSource):
     @property
     def resolution(self) -> tuple[int, int]:
         if self._size is None:
-            from PIL import Image
-
             with Image.open(self.files[0]) as im:
                 w, h = im.size
             self._size = (h, w)
@@ -284,25 +283,21 @@ class SubsetImages(ImageSource):
         return self.base.batch(self.indices[np.asarray(indices, dtype=np.int64)].tolist())
 
 
-def _seeds_from_sampling(sampling: Mapping | None) -> list[int] | None:
-    if not sampling or "seeds" not in sampling:
+def read_sampling_record(path: Path) -> SamplingRecord | None:
+    """The ``sampling.json`` at ``path`` (None when there is none); :class:`FIDError` when it is not a
+    record written by ``latentdiff-sample``."""
+    if not path.is_file():
         return None
-    s = sampling["seeds"]
     try:
-        if isinstance(s, str):
-            return parse_seed_set(s)
-        if isinstance(s, Mapping) and "start" in s and ("stop" in s or "end" in s):
-            stop = int(s["stop"]) if "stop" in s else int(s["end"]) + 1
-            return list(range(int(s["start"]), stop))
-        if isinstance(s, Sequence):
-            return [int(x) for x in s]
-    except (FIDError, TypeError, ValueError):
-        return None
-    return None
+        return SamplingRecord.read(path)
+    except SampleError as e:
+        raise FIDError(f"{e}. The FID report copies the sampler's settings from {SAMPLING_JSON}: fix or remove "
+                       "the file") from None
 
 
-def open_samples(path: str | os.PathLike, input_format: str = "auto") -> tuple[ImageSource, dict | None, Path | None]:
-    """(images, sampling.json content or None, its path) for a samples directory or ``.npz`` file.
+def open_samples(path: str | os.PathLike, input_format: str = "auto") -> tuple[ImageSource, SamplingRecord | None,
+                                                                                Path | None]:
+    """(images, the sampling record or None, its path) for a samples directory or ``.npz`` file.
 
     ``input_format``: ``auto`` (a directory holding ``samples.npz`` uses it, otherwise its PNGs),
     ``png`` or ``npz``.
@@ -318,33 +313,25 @@ def open_samples(path: str | os.PathLike, input_format: str = "auto") -> tuple[I
         if input_format == "png":
             raise FIDError(f"--input-format png but {path} is an .npz file")
         npz, folder = path, None
-        sampling_path = path.parent / "sampling.json"
+        sampling_path = path.parent / SAMPLING_JSON
     else:
         npz = path / "samples.npz" if (path / "samples.npz").is_file() and input_format in ("auto", "npz") else None
         if input_format == "npz" and npz is None:
             raise FIDError(f"--input-format npz but {path} holds no samples.npz")
         folder = path if npz is None else None
-        sampling_path = path / "sampling.json"
-    sampling = None
-    if sampling_path.is_file():
-        sampling = read_json(sampling_path)
-        if not isinstance(sampling, dict):
-            raise FIDError(f"{sampling_path} must hold a JSON object")
-    else:
+        sampling_path = path / SAMPLING_JSON
+    sampling = read_sampling_record(sampling_path)
+    if sampling is None:
         sampling_path = None
     if npz is not None:
         src: ImageSource = NpzImages(npz)
-        if src.seeds is None:
-            seeds = _seeds_from_sampling(sampling)
-            if seeds is not None:
-                if len(seeds) == len(src):
-                    src.seeds = np.asarray(seeds, dtype=np.int64)
-                else:
-                    warnings.warn(
-                        f"{sampling_path} lists {len(seeds)} seeds but {npz} holds {len(src)} images: seeds unknown",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+        if src.seeds is None and sampling is not None:
+            seeds = sampling.seed_list()
+            if len(seeds) == len(src):
+                src.seeds = np.asarray(seeds, dtype=np.int64)
+            else:
+                warnings.warn(f"{sampling_path} lists {len(seeds)} seeds but {npz} holds {len(src)} images: seeds unknown",
+                              RuntimeWarning, stacklevel=2)
     else:
         src = PngFolder(folder)
     return src, sampling, sampling_path

@@ -2,7 +2,7 @@
 
 The network takes **uint8** RGB NCHW images of any size and resizes them itself to 299x299 with its
 TF1.x-compatible bilinear resize, then maps ``[0, 255] -> [-1, 1]``, so generated samples and reference
-images go through exactly the same path (trap T17).
+images go through exactly the same path.
 
 Weights are never downloaded silently.  They are looked up, in order, at
 
@@ -57,10 +57,17 @@ RESIZE_DESCRIPTION = (
 # Inception weights and the feature extractor
 
 
-def inception_weights_url() -> str:
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+def _fidelity_inception():
+    # torch-fidelity is imported when the network is needed: it takes seconds, and the sample readers,
+    # statistics and reference files of this stage do not use it
+    import torch_fidelity
+    import torch_fidelity.feature_extractor_inceptionv3 as inception_v3
 
-    return URL_INCEPTION_V3
+    return torch_fidelity, inception_v3
+
+
+def inception_weights_url() -> str:
+    return _fidelity_inception()[1].URL_INCEPTION_V3
 
 
 def default_weights_path() -> Path:
@@ -153,11 +160,9 @@ class InceptionFeatures:
         return feats
 
     def describe(self) -> dict:
-        import torch_fidelity
-
         return {
             "name": EXTRACTOR_NAME,
-            "torch_fidelity_version": getattr(torch_fidelity, "__version__", None),
+            "torch_fidelity_version": getattr(_fidelity_inception()[0], "__version__", None),
             "feature_dim": FEATURE_DIM,
             "input": "uint8 RGB NCHW",
             "resize": RESIZE_DESCRIPTION,
@@ -206,10 +211,8 @@ def load_feature_extractor(
     if not isinstance(state, Mapping) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise FIDError(f"Inception weights {path} do not hold a state dict of tensors; pass torch-fidelity's file with --inception-weights")
     del state
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
     try:
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+        net = _fidelity_inception()[1].FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
     except RuntimeError as e:  # state-dict key/shape mismatch
         raise FIDError(
             f"Inception weights {path} do not fit torch-fidelity's FeatureExtractorInceptionV3: {str(e)[:500]}. "

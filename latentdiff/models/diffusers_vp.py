@@ -6,14 +6,15 @@ sampled with the same solvers as a latentdiff export.  Only the DDPM linear beta
 """
 from __future__ import annotations
 
-import hashlib
-import math
 import json
+import math
 from pathlib import Path
 
 import torch
 
+from latentdiff.diffusion.precond import VPPrecond
 from latentdiff.utils.errors import SampleError
+from latentdiff.utils.io import sha256_files
 
 __all__ = ["DiffusersEpsNet", "load_diffusers_unet"]
 
@@ -50,35 +51,9 @@ class DiffusersEpsNet(torch.nn.Module):
         return out[:, : self.in_channels]
 
 
-def _files_hash(paths) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def load_diffusers_unet(path: str | Path, device="cpu"):
-    """(VPPrecond denoiser, meta) for a local diffusers UNet2DModel directory (pixel space in [-1, 1]).
-
-    ``path``: a ``UNet2DModel.save_pretrained`` folder, or a pipeline folder with ``unet/`` (and
-    ``scheduler/``).  A scheduler config beside it (``scheduler/scheduler_config.json`` or
-    ``scheduler_config.json``) must describe the DDPM linear schedule with epsilon prediction;
-    without one that schedule is assumed (and recorded as assumed).
-    """
-    from diffusers import UNet2DModel
-
-    from latentdiff.diffusion.precond import VPPrecond
-
-    path = Path(path)
-    unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
-    if not (unet_dir / "config.json").is_file():
-        raise SampleError(
-            f"--diffusers-unet {path}: no config.json (nor unet/config.json); pass a UNet2DModel.save_pretrained() "
-            "directory or a diffusers pipeline folder"
-        )
+def _scheduler_record(path: Path, unet_dir: Path) -> dict:
+    """The scheduler config beside the UNet, which must be the DDPM linear schedule with epsilon
+    prediction; without one that schedule is assumed (and recorded as assumed)."""
     sched_file = next((p for p in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json",
                                    unet_dir / "scheduler_config.json") if p.is_file()), None)
     scheduler = {"assumed": dict(_DDPM_LINEAR, prediction_type="epsilon")}
@@ -100,6 +75,28 @@ def load_diffusers_unet(path: str | Path, device="cpu"):
                 "DDPM epsilon models with the linear beta schedule 1e-4..0.02 over 1000 steps (edm.txt Table 1, VP)"
             )
         scheduler = {"file": str(sched_file), **{k: sc.get(k) for k in ("prediction_type", *_DDPM_LINEAR)}}
+    return scheduler
+
+
+def load_diffusers_unet(path: str | Path, device="cpu"):
+    """(VPPrecond denoiser, meta) for a local diffusers UNet2DModel directory (pixel space in [-1, 1]).
+
+    ``path``: a ``UNet2DModel.save_pretrained`` folder, or a pipeline folder with ``unet/`` (and
+    ``scheduler/``).  A scheduler config beside it (``scheduler/scheduler_config.json`` or
+    ``scheduler_config.json``) must describe the DDPM linear schedule with epsilon prediction;
+    without one that schedule is assumed (and recorded as assumed).
+    """
+    # diffusers is imported only to load a UNet: it takes seconds, and an export needs none
+    from diffusers import UNet2DModel
+
+    path = Path(path)
+    unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    if not (unet_dir / "config.json").is_file():
+        raise SampleError(
+            f"--diffusers-unet {path}: no config.json (nor unet/config.json); pass a UNet2DModel.save_pretrained() "
+            "directory or a diffusers pipeline folder"
+        )
+    scheduler = _scheduler_record(path, unet_dir)
     try:
         unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, torch_dtype=torch.float32)
     except Exception as e:  # noqa: BLE001
@@ -119,6 +116,6 @@ def load_diffusers_unet(path: str | Path, device="cpu"):
         "precond": {"kind": "vp", "beta_d": 19.9, "beta_min": 0.1, "M": 1000},
         "scheduler": scheduler,
         "schedule": {"sigma_min": 0.002},
-        "hash": _files_hash([unet_dir / "config.json", *weights]),
+        "hash": sha256_files([unet_dir / "config.json", *weights]),
     }
     return VPPrecond(DiffusersEpsNet(unet)).to(device).eval(), meta

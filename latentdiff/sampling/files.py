@@ -9,12 +9,15 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from latentdiff.utils.io import atomic_open
+
 __all__ = ["PNG_TEXT_KEY", "png_path", "valid_png", "save_png", "read_png"]
 
 PNG_TEXT_KEY = "latentdiff"
 
 
 def png_path(out: Path, seed: int) -> Path:
+    """``OUT/images/<seed:06d>.png``."""
     return out / "images" / f"{seed:06d}.png"
 
 
@@ -33,17 +36,18 @@ def valid_png(p: Path, size: tuple[int, int] | None = None) -> bool:
 
 
 def save_png(img_chw: torch.Tensor, path: Path, text: dict | None = None) -> None:
+    """A uint8 (C, H, W) image as a lossless PNG, written atomically, with ``text`` as JSON in its tEXt chunk."""
     arr = img_chw.permute(1, 2, 0).numpy()
     info = None
     if text is not None:
         info = PngInfo()
         info.add_text(PNG_TEXT_KEY, json.dumps(text, sort_keys=True))
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+    with atomic_open(path) as f:
+        Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(f, format="PNG", pnginfo=info)
 
 
 def read_png(path: Path) -> tuple[np.ndarray, dict]:
+    """(uint8 RGB HWC array, the tEXt record) of a PNG written by :func:`save_png`."""
     with Image.open(path) as im:
         text = json.loads(im.text.get(PNG_TEXT_KEY, "{}")) if hasattr(im, "text") else {}
         return np.asarray(im.convert("RGB")), text

@@ -13,22 +13,19 @@ from latentdiff.utils.errors import SampleError
 __all__ = ["resolve_sigma_max", "parse_guidance_interval", "solver_record", "network_evals_per_image"]
 
 
-def resolve_sigma_max(choice, meta: dict | None) -> float:
-    """``data`` (the export's data-driven sigma_max, wsnr.txt Eq. 7-8), ``edm`` (80, edm.txt Table 1),
-    ``vp`` (sigma(t=1) ~ 152 of the VP schedule) or a positive number."""
+def resolve_sigma_max(choice, data_value: float | None) -> float:
+    """``data`` (``data_value``: the export's data-driven sigma_max, wsnr.txt Eq. 7-8), ``edm`` (80,
+    edm.txt Table 1), ``vp`` (sigma(t=1) ~ 152 of the VP schedule) or a positive number."""
     choice = str(choice).strip()
     if choice == "edm":
         return float(EDM_SIGMA_MAX)
     if choice == "vp":
         return float(VP_SIGMA_MAX)
     if choice == "data":
-        sched = (meta or {}).get("schedule") or {}
-        if "sigma_max" not in sched:
-            raise SampleError(
-                "--sigma-max data needs the export's data-driven schedule.sigma_max, which is missing; "
-                "re-export the run, or pass --sigma-max edm, vp or a number"
-            )
-        return float(sched["sigma_max"])
+        if data_value is None:
+            raise SampleError("--sigma-max data needs the export's data-driven schedule.sigma_max, which this model "
+                              "does not have; pass --sigma-max edm, vp or a number")
+        return float(data_value)
     try:
         v = float(choice)
     except ValueError:
@@ -64,7 +61,7 @@ def solver_record(
     sigma_max: float,
     rho: float = 7.0,
     shape=(1, 1, 1),
-    solver_kwargs: dict | None = None,
+    options: dict | None = None,
 ):
     """What the solver will do, without a network: the ``SampleInfo`` of a run on a zero denoiser.
 
@@ -72,7 +69,7 @@ def solver_record(
     output, so this validates the settings (a :class:`SampleError` names the problem) and gives the
     record ``sampling.json`` stores even when every image already existed.
     """
-    kw = dict(solver_kwargs or {})
+    kw = dict(options or {})
     if method == "edm-stochastic":
         kw.setdefault("generator", [torch.Generator().manual_seed(0)])
     try:
@@ -87,7 +84,7 @@ def solver_record(
 def network_evals_per_image(eval_sigmas, cfg_scale: float, interval, method: str = "nfe-guided") -> int:
     """Network evaluations per image: one per denoiser call, two where guidance runs the conditional
     and the unconditional model (``guidance.guided_denoiser``: w not in {0, 1}, sigma inside the
-    interval; an adaptive solver with an interval always runs both, see ``_fixed_shape_guidance``)."""
+    interval; an adaptive solver with an interval always runs both: ``guided_denoiser(..., fixed_shape=True)``)."""
     if cfg_scale == 1.0 or (cfg_scale == 0.0 and interval is None):
         return len(eval_sigmas)
     if interval is None or method not in FIXED_GRID_SAMPLERS:

@@ -3,9 +3,9 @@ sigma(t) = t, s(t) = 1), each a plain function of ``(denoise, x, sigmas)``, and 
 point that dispatches by name (``SOLVERS``) and counts every denoiser call.
 
 Modules: ``base`` (call convention, counting, the run record), ``runge_kutta`` (wsnr.txt Alg. 3 /
-Table 5, edm.txt Alg. 1-2), ``nfe_guided`` (wsnr.txt Alg. 1-2), ``auto`` (the default), ``dpm``
-(DPM-Solver++ through diffusers), ``registry`` (``sample``), ``ideal`` (wsnr.txt Eq. 4/14),
-``generate`` (latents from seeds).
+Table 5, edm.txt Alg. 1-2), ``nfe_guided`` (wsnr.txt Alg. 1-2), ``auto`` (the default; its integrator
+``exp_adams`` and its grid ``auto_grid``), ``dpm`` (DPM-Solver++ through diffusers), ``registry``
+(``sample``), ``ideal`` (wsnr.txt Eq. 4/14), ``generate`` (latents from seeds).
 """
 from latentdiff.solvers.auto import auto_sample
 from latentdiff.solvers.base import CountingDenoiser, Denoise, SampleInfo

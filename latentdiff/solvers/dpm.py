@@ -28,6 +28,7 @@ def dpm_solver_pp(
     return_info: bool = False,
 ):
     """DPM-Solver++ (2M or 3M) through diffusers with ``nfe`` evaluations (one per step, the last to 0)."""
+    # diffusers is imported when this solver runs: it takes seconds, and every other solver needs none
     from diffusers import EDMDPMSolverMultistepScheduler
 
     if order not in (1, 2, 3):

@@ -2,22 +2,23 @@
 
 ``raw.safetensors`` holds DeepSpeed's fp32 master weights (``zero_to_fp32`` for ZeRO-1/2/3, the module
 state for ZeRO-0), one ``ema-<rate>.safetensors`` per EMA rate; ``model.json`` everything the sampler
-needs.
+needs (:class:`~latentdiff.contracts.export.ExportMeta`).
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import save_file
 
-from latentdiff.contracts.export import EXPORT_FORMAT, EXPORT_VERSION
+from latentdiff.contracts.export import ExportMeta
+from latentdiff.contracts.schedule import TrainingSchedule
 from latentdiff.models import from_config
-from latentdiff.training.checkpoint import load_trainer_state
+from latentdiff.training.checkpoint import STATE_FILE, load_trainer_state
 from latentdiff.training.ema import consolidate
 from latentdiff.utils.errors import ExportError
+from latentdiff.utils.io import atomic_dir
 
 __all__ = ["export_checkpoint"]
 
@@ -35,8 +36,6 @@ def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _raw_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights from a DeepSpeed checkpoint directory (no process group needed)."""
     if list(ckpt.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:  # ZeRO-0: the module state is the weights
         files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
@@ -46,51 +45,43 @@ def _raw_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return _strip(state)
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
-    """Write an export of checkpoint directory ``ckpt`` to ``out``; returns ``out``."""
-    ckpt, out = Path(ckpt), Path(out)
-    state = load_trainer_state(ckpt)
+def _checked_weights(ckpt: Path, model_config: dict):
+    """(raw fp32 weights, the network's buffers that are not in them) of a checkpoint."""
     raw = _raw_weights(ckpt)
     empty = [k for k, v in raw.items() if v.numel() == 0]
     if empty:
         raise ExportError(f"{ckpt}: consolidated tensors with 0 elements: {empty[:5]} (a ZeRO-3 partition was not gathered)")
-    net = from_config(state["model_config"])
+    net = from_config(model_config)
     missing, unexpected = net.load_state_dict(raw, strict=False)
     if missing or unexpected:
         raise ExportError(f"{ckpt}: weights do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return raw, {k: v for k, v in net.state_dict().items() if k not in raw}
+
+
+def _metadata(state: dict, ckpt: Path, weights: dict) -> ExportMeta:
+    """model.json of a checkpoint's trainer state (``trainer_state.json``)."""
+    dataset = {k: v for k, v in state["dataset"].items() if k != "vae"}  # the VAE is recorded once, as ``vae``
+    precond = {k: v for k, v in state["precond"].items() if k != "sigma_data"}  # the schedule's sigma_data
+    return ExportMeta(
+        model=state["model_config"], precond=precond,
+        schedule=TrainingSchedule.from_dict(state["schedule"], f"{ckpt / STATE_FILE} schedule"),
+        vae=state["dataset"]["vae"], weights=weights, dataset=dataset, step=state["step"],
+        images_seen=state["images_seen"], train_config=state["config"], checkpoint=str(ckpt),
+    )
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
+    """Write an export of checkpoint directory ``ckpt`` to ``out`` (replaced atomically); returns ``out``."""
+    ckpt, out = Path(ckpt), Path(out)
+    state = load_trainer_state(ckpt)
+    raw, buffers = _checked_weights(ckpt, state["model_config"])
     emas = consolidate(ckpt)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(raw, str(tmp / "raw.safetensors"))
-    weights = {"raw": "raw.safetensors", "ema": {}}
-    buffers = {k: v for k, v in net.state_dict().items() if k not in raw}
-    for rate, tensors in emas.items():
-        ema = {**{k: v.float() for k, v in buffers.items()}, **_strip(tensors)}
-        fname = f"ema-{rate:g}.safetensors"
-        save_file(ema, str(tmp / fname))
-        weights["ema"][repr(float(rate))] = fname
-    meta = {
-        "format": EXPORT_FORMAT,
-        "format_version": EXPORT_VERSION,
-        "step": state["step"],
-        "images_seen": state["images_seen"],
-        "model": state["model_config"],
-        "precond": state["precond"],
-        "normalization": state["schedule"]["normalization"],
-        "schedule": state["schedule"],
-        "vae": state["dataset"]["vae"],
-        "dataset": state["dataset"],
-        "num_classes": state["num_classes"],
-        "null_label": state.get("null_label", state["model_config"].get("null_label")) if state["num_classes"] > 0 else None,
-        "label_dropout": state["config"]["label_dropout"],
-        "weights": weights,
-        "train_config": state["config"],
-        "checkpoint": str(ckpt),
-    }
-    (tmp / "model.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        save_file(raw, str(tmp / "raw.safetensors"))
+        weights = {"raw": "raw.safetensors", "ema": {}}
+        for rate, tensors in emas.items():
+            fname = f"ema-{rate:g}.safetensors"
+            save_file({**{k: v.float() for k, v in buffers.items()}, **_strip(tensors)}, str(tmp / fname))
+            weights["ema"][repr(float(rate))] = fname
+        _metadata(state, ckpt, weights).write(tmp)
     return out

@@ -8,8 +8,8 @@
   EDM log-normal on the 64x64 RGB reference spectrum,
 * the data-driven sigma_max = sqrt(mu_d + alpha sigma_d) of the model-space data (Eq. 7-8).
 
-The result is a plain dict stored in every checkpoint and export, so the sampler reuses exactly
-these values (trap T14).
+The result is a :class:`~latentdiff.contracts.schedule.TrainingSchedule`, stored in every checkpoint
+and export, so the sampler reuses exactly these values.
 """
 from __future__ import annotations
 
@@ -18,18 +18,15 @@ from pathlib import Path
 
 import torch
 
-from latentdiff.vae.normalization import Normalization
+from latentdiff.contracts.schedule import SCHEDULE_VERSION, SigmaMaxRule, TrainingSchedule, WSNRAlignment
 from latentdiff.data.manifest import load_manifest
 from latentdiff.data.stats import DatasetStats
-from latentdiff.utils.errors import ConfigError
-from latentdiff.diffusion.grids import EDM_SIGMA_MAX
 from latentdiff.diffusion.noise import LogNormalSigma, VESigma, VPSigma, wsnr_aligned
-from latentdiff.diffusion.distances import data_driven_sigma_max
 from latentdiff.diffusion.spectral import affine_power_spectrum, wsnr_constant
+from latentdiff.utils.errors import ConfigError
+from latentdiff.vae.normalization import Normalization
 
-__all__ = ["resolve_schedule", "model_space_power", "SCHEDULE_VERSION"]
-
-SCHEDULE_VERSION = 1
+__all__ = ["resolve_schedule", "model_space_power", "make_normalization", "SCHEDULE_VERSION"]
 
 
 def make_normalization(kind: str, manifest: dict, stats: DatasetStats, sigma_target: float) -> Normalization:
@@ -53,59 +50,49 @@ def model_space_rms(stats: DatasetStats, norm: Normalization) -> float:
     return math.sqrt(float(second.mean()))
 
 
-def resolve_schedule(cfg, dataset_dir: str | Path | None = None) -> dict:
+def _sigma_distribution(cfg, root: Path, stats: DatasetStats, norm: Normalization):
+    """(training sigma distribution, WSNR alignment record or None) for ``cfg.noise``."""
+    base = LogNormalSigma(cfg.p_mean, cfg.p_std)
+    if cfg.noise == "edm":
+        return base, None
+    if cfg.noise == "vp":
+        return VPSigma(), None
+    if cfg.noise == "ve":
+        return VESigma(), None
+    if cfg.noise != "wsnr":
+        raise ConfigError(f"noise: {cfg.noise!r} is not one of wsnr/edm/vp/ve")
+    ref_root = Path(cfg.wsnr_reference) if cfg.wsnr_reference else root
+    ref_stats = stats if ref_root == root else DatasetStats.load(ref_root)
+    if ref_stats.rgb64_power is None:
+        raise ConfigError(
+            f"noise=wsnr needs the 64x64 RGB reference spectrum, but {ref_root}/stats.npz has none "
+            "(re-run tools/dataset_stats.py with the images, or set wsnr_reference to another dataset, or noise=edm)"
+        )
+    target = model_space_power(stats, norm)
+    dist = wsnr_aligned(base, ref_stats.rgb64_power, target, include_dc=cfg.wsnr_include_dc)
+    k_ref0 = float(wsnr_constant(ref_stats.rgb64_power, include_dc=False))
+    k_tgt0 = float(wsnr_constant(target, include_dc=False))
+    alignment = WSNRAlignment(
+        reference=str(ref_root), include_dc=cfg.wsnr_include_dc,
+        k_reference=float(wsnr_constant(ref_stats.rgb64_power, include_dc=cfg.wsnr_include_dc)),
+        k_target=float(wsnr_constant(target, include_dc=cfg.wsnr_include_dc)),
+        sigma_factor_dc_free=math.sqrt(k_tgt0 / k_ref0),
+    )
+    return dist, alignment
+
+
+def resolve_schedule(cfg, dataset_dir: str | Path | None = None) -> TrainingSchedule:
     """The normalization, sigma_data, training sigma distribution and sigma_max for ``cfg``."""
     root = Path(dataset_dir or cfg.dataset)
     manifest = load_manifest(root)
     stats = DatasetStats.load(root)
     norm = make_normalization(cfg.normalization, manifest, stats, cfg.sigma_target)
     rms = model_space_rms(stats, norm)
-    sigma_data = float(cfg.sigma_data) if cfg.sigma_data > 0 else rms
     mu_d, sd_d = stats.distance_stats().moments(norm.scale)
-    sigma_max = data_driven_sigma_max((mu_d, sd_d), cfg.sigma_max_alpha)
-    out = {
-        "version": SCHEDULE_VERSION,
-        "normalization": norm.to_dict(),
-        "sigma_data": sigma_data,
-        "model_space_rms": rms,
-        "sigma_min": float(cfg.sigma_min),
-        "sigma_max": sigma_max,
-        "sigma_max_rule": {"alpha": cfg.sigma_max_alpha, "mu_d": mu_d, "sigma_d": sd_d, "eq": "wsnr.txt Eq. 7-8"},
-        "sigma_max_edm": EDM_SIGMA_MAX,
-        "stats_shards_hash": stats.shards_hash,
-        "noise": cfg.noise,
-    }
-    base = LogNormalSigma(cfg.p_mean, cfg.p_std)
-    if cfg.noise == "edm":
-        dist = base
-    elif cfg.noise == "vp":
-        dist = VPSigma()
-    elif cfg.noise == "ve":
-        dist = VESigma()
-    elif cfg.noise == "wsnr":
-        ref_root = Path(cfg.wsnr_reference) if cfg.wsnr_reference else root
-        ref_stats = stats if ref_root == root else DatasetStats.load(ref_root)
-        if ref_stats.rgb64_power is None:
-            raise ConfigError(
-                f"noise=wsnr needs the 64x64 RGB reference spectrum, but {ref_root}/stats.npz has none "
-                "(re-run tools/dataset_stats.py with the images, or set wsnr_reference to another dataset, or noise=edm)"
-            )
-        target = model_space_power(stats, norm)
-        dist = wsnr_aligned(base, ref_stats.rgb64_power, target, include_dc=cfg.wsnr_include_dc)
-        k_ref = float(wsnr_constant(ref_stats.rgb64_power, include_dc=cfg.wsnr_include_dc))
-        k_tgt = float(wsnr_constant(target, include_dc=cfg.wsnr_include_dc))
-        k_ref0 = float(wsnr_constant(ref_stats.rgb64_power, include_dc=False))
-        k_tgt0 = float(wsnr_constant(target, include_dc=False))
-        out["wsnr"] = {
-            "sigma_factor_dc_free": math.sqrt(k_tgt0 / k_ref0),
-            "reference": str(ref_root),
-            "include_dc": cfg.wsnr_include_dc,
-            "k_reference": k_ref,
-            "k_target": k_tgt,
-            "sigma_factor": math.sqrt(k_tgt / k_ref),
-            "p_mean_shift": 0.5 * math.log(k_tgt / k_ref),
-        }
-    else:
-        raise ConfigError(f"noise: {cfg.noise!r} is not one of wsnr/edm/vp/ve")
-    out["sigma_dist"] = dist.to_dict()
-    return out
+    rule = SigmaMaxRule(alpha=float(cfg.sigma_max_alpha), mu_d=float(mu_d), sigma_d=float(sd_d))
+    dist, alignment = _sigma_distribution(cfg, root, stats, norm)
+    return TrainingSchedule(
+        normalization=norm, sigma_data=float(cfg.sigma_data) if cfg.sigma_data > 0 else rms,
+        sigma_min=float(cfg.sigma_min), sigma_max=rule.value(), sigma_dist=dist.to_dict(), noise=cfg.noise,
+        sigma_max_rule=rule, wsnr=alignment, model_space_rms=rms, stats_shards_hash=stats.shards_hash,
+    ).validate("the resolved schedule")

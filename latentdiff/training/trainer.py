@@ -26,12 +26,12 @@ from latentdiff.data.manifest import load_manifest
 from latentdiff.data.reader import LatentShardDataset, sample_latent
 from latentdiff.utils.errors import ConfigError, TrainError
 from latentdiff.diffusion.guidance import drop_labels
-from latentdiff.diffusion.noise import sigma_distribution_from_dict
 from latentdiff.diffusion.precond import EDMPrecond, edm_loss
 from latentdiff.training.checkpoint import find_latest, load_trainer_state, save_checkpoint, tag_for
 from latentdiff.training.config import TrainConfig, config_diff
 from latentdiff.training.ema import EMA
 from latentdiff.training.schedule import resolve_schedule
+from latentdiff.contracts.schedule import TrainingSchedule
 from latentdiff.training.tb import StepMetrics, TBWriter
 from latentdiff.models import build as build_model, from_config
 
@@ -70,23 +70,6 @@ def build_ds_config(cfg: TrainConfig, base: dict | None, world_size: int) -> dic
     if isinstance(zero.get("offload_optimizer"), dict) and zero["offload_optimizer"].get("device", "none") != "none":
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds
-
-
-SCHEDULE_KEYS = ("normalization", "sigma_data", "sigma_dist", "sigma_min", "sigma_max", "noise")
-
-
-def schedule_diff(old: dict, new: dict) -> list[str]:
-    """What changed in the values the training depends on (extra diagnostic keys are ignored)."""
-    out = []
-    for k in SCHEDULE_KEYS:
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, float) and isinstance(b, float):
-            same = math.isclose(a, b, rel_tol=1e-9)
-        else:
-            same = a == b
-        if not same:
-            out.append(f"schedule.{k}: {json.dumps(a)} (checkpoint) -> {json.dumps(b)} (now; derived from the dataset stats)")
-    return out
 
 
 def _precision(ds: dict) -> str:
@@ -163,8 +146,8 @@ class Trainer:
         # data and everything derived from the dataset statistics --------------------------------
         self.manifest = load_manifest(cfg.dataset)
         self.schedule = resolve_schedule(cfg)
-        self.norm = Normalization.from_dict(self.schedule["normalization"])
-        self.sigma_dist = sigma_distribution_from_dict(self.schedule["sigma_dist"])
+        self.norm = self.schedule.normalization
+        self.sigma_dist = self.schedule.distribution()
         self.sample_shape = tuple(self.manifest["sample_shape"])
         c, h, w = self.sample_shape
         n_cls = int(self.manifest.get("num_classes") or 0)
@@ -178,7 +161,7 @@ class Trainer:
         net = build_model(cfg.model, in_channels=c, resolution=h, num_classes=self.num_classes, **cfg.model_overrides)
         self.model_config = dict(net.config)
         self.null_label = net.null_label if self.num_classes > 0 else None  # the model's null class (CFG)
-        denoiser = EDMPrecond(net, sigma_data=self.schedule["sigma_data"])
+        denoiser = EDMPrecond(net, sigma_data=self.schedule.sigma_data)
         self.ds_config = build_ds_config(cfg, ds_config, self.world)
         self.precision = _precision(self.ds_config)
         opt = torch.optim.AdamW(
@@ -227,7 +210,7 @@ class Trainer:
             "config": self.resolved,
             "model_config": self.model_config,
             "precond": self.engine.module.to_dict(),
-            "schedule": self.schedule,
+            "schedule": self.schedule.to_dict(),
             "num_classes": self.num_classes,
             "null_label": self.null_label,
             "dataset": {
@@ -266,7 +249,7 @@ class Trainer:
                 f"resume on the same number of ranks (use DeepSpeed's universal checkpoint to change it)"
             )
         diff = config_diff(st["config"], self.resolved)
-        diff += schedule_diff(st["schedule"], self.schedule)
+        diff += TrainingSchedule.from_dict(st["schedule"], f"{ckpt} schedule").diff(self.schedule)
         if diff and not cfg.force_resume:
             raise TrainError(
                 f"refusing to resume {ckpt}: the config changed in ways that matter:\n  " + "\n  ".join(diff)
@@ -324,13 +307,13 @@ class Trainer:
         self.maybe_resume()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps({"config": self.resolved, "schedule": self.schedule,
+            (self.run_dir / "config.json").write_text(json.dumps({"config": self.resolved, "schedule": self.schedule.to_dict(),
                                                                   "ds_config": self.ds_config}, indent=1))
             self.log(self.describe())
         # events after the checkpoint (step + 1 onwards) from a killed run are dropped
         tb = TBWriter(self.run_dir / "tb", self.is_main, purge_step=self.step + 1 if self.step else None)
         if self.step == 0 and self.is_main:
-            tb.text("config", "```\n" + json.dumps({"config": self.resolved, "schedule": self.schedule}, indent=1) + "\n```", 0)
+            tb.text("config", "```\n" + json.dumps({"config": self.resolved, "schedule": self.schedule.to_dict()}, indent=1) + "\n```", 0)
         heldout = self._heldout_batch() if cfg.heldout_batch else None
         metrics = StepMetrics()
         batches = self._batches()
@@ -389,18 +372,18 @@ class Trainer:
             f"shape {self.sample_shape}, {self.num_classes} classes)",
             f"ranks {self.world}, ZeRO-{self.zero_stage}, {self.precision}; global batch {self.global_batch} = "
             f"{self.cfg.micro_batch} x {self.cfg.grad_accum} x {self.world}; {self.total_steps} steps",
-            f"normalization {s['normalization']['kind']}, sigma_data {s['sigma_data']:.4f}, "
-            f"training sigma {s['sigma_dist']}, sigma_max (data, alpha {s['sigma_max_rule']['alpha']}) {s['sigma_max']:.3f}",
+            f"normalization {s.normalization.kind}, sigma_data {s.sigma_data:.4f}, "
+            f"training sigma {s.sigma_dist}, sigma_max (data, alpha {s.sigma_max_rule.alpha}) {s.sigma_max:.3f}",
         ]
-        if "wsnr" in s:
-            w = s["wsnr"]
-            lines.append(f"WSNR alignment (DC {'included' if w['include_dc'] else 'excluded'}): sigma x "
-                         f"{w['sigma_factor']:.4f} (P_mean shift {w['p_mean_shift']:+.4f}); DC-free variant: "
-                         f"x {w['sigma_factor_dc_free']:.4f}")
-            if abs(w["p_mean_shift"]) > 1.5:
+        if s.wsnr is not None:
+            w = s.wsnr
+            lines.append(f"WSNR alignment (DC {'included' if w.include_dc else 'excluded'}): sigma x "
+                         f"{w.sigma_factor:.4f} (P_mean shift {w.p_mean_shift:+.4f}); DC-free variant: "
+                         f"x {w.sigma_factor_dc_free:.4f}")
+            if abs(w.p_mean_shift) > 1.5:
                 lines.append(
                     "warning: the WSNR alignment moves P_mean by more than 1.5 (a factor "
-                    f"{w['sigma_factor']:.3g} in sigma). Eq. 2 includes the zero frequency, which holds the squared "
+                    f"{w.sigma_factor:.3g} in sigma). Eq. 2 includes the zero frequency, which holds the squared "
                     "data mean; with normalization=channel the latents have zero mean while the RGB reference does "
                     "not, so the DC bin dominates the comparison. Check that this is intended; "
                     "--wsnr-include-dc false uses the DC-free WSNR."
@@ -483,7 +466,7 @@ class Trainer:
         if not self.is_main:
             return None
         net = from_config(self.model_config)
-        d = EDMPrecond(net, self.schedule["sigma_data"])
+        d = EDMPrecond(net, self.schedule.sigma_data)
         missing, unexpected = d.load_state_dict(state, strict=False)
         params = {n for n, _ in d.named_parameters()}
         if unexpected or [k for k in missing if k in params]:
@@ -518,8 +501,8 @@ class Trainer:
         labels = (torch.arange(n) % self.num_classes) if self.num_classes > 0 else None
         z, _ = generate_latents(d, seeds=list(range(n)), shape=self.sample_shape, labels=labels,
                                 num_classes=self.num_classes, method="nfe-guided",
-                                nfe=self.cfg.sample_nfe, sigma_min=self.schedule["sigma_min"],
-                                sigma_max=self.schedule["sigma_max"], device=self.device)
+                                nfe=self.cfg.sample_nfe, sigma_min=self.schedule.sigma_min,
+                                sigma_max=self.schedule.sigma_max, device=self.device)
         imgs = decode_to_uint8(z, self.norm, self.manifest["vae"], device=self.device)
         grid = image_grid(imgs)
         tb.image("samples/ema", grid, self.step)

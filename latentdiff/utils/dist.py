@@ -26,6 +26,9 @@ __all__ = [
     "device",
     "accelerator",
     "hard_exit",
+    "is_distributed",
+    "broadcast_object",
+    "all_gather_object",
 ]
 
 
@@ -54,6 +57,11 @@ def env_world_size() -> int:
 def env_local_rank() -> int:
     _slurm_to_env()
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_distributed() -> bool:
+    """Is a default process group initialized (of any size)?"""
+    return dist.is_available() and dist.is_initialized()
 
 
 def get_rank() -> int:
@@ -127,6 +135,27 @@ def init_distributed(timeout_minutes: float = 30.0, *, single_process_group: boo
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (pickled; the argument of the other ranks is ignored).
+
+    Without a process group (or with one rank) ``obj`` itself is returned.
+    """
+    if not is_distributed() or dist.get_world_size() == 1:
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` without a process group)."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def destroy() -> None:

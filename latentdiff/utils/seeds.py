@@ -55,11 +55,15 @@ def parse_seeds(spec, *, as_set: bool = False, error: type[Exception] = ValueErr
     return out
 
 
-def format_seeds(seeds: Iterable[int] | None) -> str | None:
-    """Compact inclusive ranges of the sorted unique seeds: ``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+def format_seeds(seeds: Iterable[int] | None, *, ordered: bool = False) -> str | None:
+    """Compact inclusive ranges: ``[0, 1, 2, 5]`` -> ``"0-2,5"`` (what :func:`parse_seeds` reads back).
+
+    ``ordered=False``: of the sorted unique seeds.  ``ordered=True``: in the given order, ranges of
+    consecutive ascending seeds only (``[7, 3, 4, 5]`` -> ``"7,3-5"``).
+    """
     if seeds is None:
         return None
-    s = sorted(set(int(x) for x in seeds))
+    s = [int(x) for x in seeds] if ordered else sorted(set(int(x) for x in seeds))
     if not s:
         return ""
     parts = []

@@ -85,6 +85,7 @@ class Autoencoder:
         self.weights_sha256 = weights_sha256
         self.precision = "fp32"
         self._low = None  # reduced-precision copy, only after validate_precision
+        self._decoded_in: str | None = None  # the precision of the last decode
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if vae is not None:
             vae.train(False).requires_grad_(False)
@@ -189,6 +190,18 @@ class Autoencoder:
         s = getattr(self.vae.config, "shift_factor", None)
         return None if s is None else float(s)
 
+    @property
+    def decode_precision(self) -> str:
+        """The precision of the most recent :meth:`decode` (before the first one: the default precision)."""
+        return self._decoded_in or self.precision
+
+    @property
+    def tiling(self) -> bool:
+        """Does the diffusers VAE have tiling or slicing switched on now?  Every encode and decode switches
+        both off before it runs, so after a decode this is False."""
+        return any(bool(getattr(m, flag, False)) for m in (self.vae, self._low) if m is not None
+                   for flag in ("use_tiling", "use_slicing"))
+
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         f = self.downsampling_factor
         if resolution % f:
@@ -281,8 +294,10 @@ class Autoencoder:
         """Raw latents (B, C, h, w) -> images (B, 3, H, W), nominally in [-1, 1] (not clamped), float32."""
         z = latents.to(self.device, torch.float32)
         if self.vae is None:
+            self._decoded_in = "fp32"
             return z.clone()
         model, dtype = self._model(precision)
+        self._decoded_in = self.precision if precision is None else precision
         self._whole_image()
         with self._no_autocast():
             return model.decode(z.to(dtype)).sample.float()

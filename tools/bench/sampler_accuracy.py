@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Ideal-denoiser sampler benchmark (issue: core; wsnr.txt Sec. 5).
+"""Ideal-denoiser sampler benchmark (wsnr.txt Sec. 5).
 
 The ideal denoiser of a finite dataset (wsnr.txt Eq. 4/14) makes the probability-flow ODE exactly
 known, so every solver can be scored against a converged reference solution started from the
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from latentdiff.data.photos import random_crops
 from latentdiff.diffusion.distances import DistanceStats, data_driven_sigma_max
 from latentdiff.diffusion.grids import karras_sigmas
 from latentdiff.solvers.dpm import dpm_solver_pp
@@ -53,8 +54,6 @@ def make_dataset(kind: str, num: int, resolution: int, seed: int) -> torch.Tenso
     a fixed random 8x8-patch linear encoder (a stand-in for VAE latents: spatially correlated,
     4 channels), scaled to unit standard deviation.
     """
-    from latentdiff.data.photos import random_crops
-
     if kind == "photos":
         return random_crops(num, resolution, seed=seed, dtype=torch.float64)[0]
     if kind == "latentlike":
@@ -95,13 +94,7 @@ def solver_table() -> dict:
         "DPM-Solver++ 2M": _dpm(2),
         "DPM-Solver++ 3M": _dpm(3),
     }
-    try:  # the `auto` sampler (issue 5) when present
-        from latentdiff.solvers import SAMPLERS
-
-        if "auto" in SAMPLERS:
-            table["auto"] = _ours("auto")
-    except ImportError:
-        pass
+    table["auto"] = _ours("auto")
     return table
 
 
@@ -251,6 +244,7 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
+    # matplotlib only for the figure: a second of import time the measurement does not need
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sampler overhead and end-to-end sampling throughput (issue 4, item 6).
+"""Sampler overhead and end-to-end sampling throughput.
 
 1. **Solver overhead**: wall time of ``latentdiff.solvers.sample()`` against ``NFE_used x`` the bare
    denoiser forward ``D(x; sigma)`` (the EDM-preconditioned network, exactly what one evaluation costs)
@@ -33,6 +33,20 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from latentdiff import models
+from latentdiff.cli.sample import main as sample_main
+from latentdiff.contracts.export import ExportMeta, load_export
+from latentdiff.contracts.schedule import TrainingSchedule
+from latentdiff.data.synthetic import make_tiny_vae
+from latentdiff.diffusion.precond import EDMPrecond
+from latentdiff.sampling.files import save_png
+from latentdiff.solvers import SAMPLERS, sample
+from latentdiff.solvers.generate import generate_latents
+from latentdiff.vae.autoencoder import Autoencoder
+from latentdiff.vae.decode import decode_to_uint8, load_vae_for
+from latentdiff.vae.normalization import Normalization
 
 
 def _parse_override(items):
@@ -47,9 +61,6 @@ def _parse_override(items):
 
 
 def build_denoiser(args):
-    from latentdiff import models
-    from latentdiff.diffusion.precond import EDMPrecond
-
     torch.manual_seed(0)
     net = models.build(args.model, in_channels=args.channels, resolution=args.resolution, num_classes=args.classes,
                        **_parse_override(args.override))
@@ -72,8 +83,6 @@ def _both(fn) -> tuple[float, float]:
 
 @torch.no_grad()
 def overhead(den, args) -> list[dict]:
-    from latentdiff.solvers import sample
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, args.channels, args.resolution, args.resolution, generator=g)
     labels = torch.randint(args.classes, (args.batch,), generator=g) if args.classes else None
@@ -128,51 +137,36 @@ def overhead(den, args) -> list[dict]:
 
 
 def write_export(den, args, root: Path) -> Path:
-    """A hand-built export of ``den`` (as latentdiff.training.export.export_checkpoint writes it) with a tiny VAE."""
-    from safetensors.torch import save_file
-
-    from latentdiff.vae.autoencoder import Autoencoder
-    from latentdiff.vae.normalization import Normalization
-    from latentdiff.data.synthetic import make_tiny_vae
-    from latentdiff.contracts.export import EXPORT_FORMAT, EXPORT_VERSION
-
+    """A hand-built export of ``den`` (the layout latentdiff.training.export.export_checkpoint writes) with a tiny VAE."""
     vae_dir = make_tiny_vae(root / "vae", latent_channels=args.channels)
-    vae = Autoencoder.load(str(vae_dir)).description()
     exp = root / "export"
     exp.mkdir(parents=True)
     state = {k: v.detach().float().contiguous() for k, v in den.model.state_dict().items()}
     save_file(state, str(exp / "ema-0.999.safetensors"))
     save_file(state, str(exp / "raw.safetensors"))
     c = args.channels
-    norm = Normalization("channel", [0.0] * c, [1.0] * c, 0.5).to_dict()
-    schedule = {"normalization": norm, "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0,
-                "sigma_dist": {"kind": "lognormal", "p_mean": -1.2, "p_std": 1.2}}
-    meta = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "model": dict(den.model.config),
-            "precond": den.to_dict(), "normalization": norm, "schedule": schedule, "vae": vae,
-            "num_classes": args.classes, "null_label": args.classes if args.classes else None,
-            "weights": {"raw": "raw.safetensors", "ema": {"0.999": "ema-0.999.safetensors"}}}
-    (exp / "model.json").write_text(json.dumps(meta, indent=1))
+    schedule = TrainingSchedule(normalization=Normalization("channel", [0.0] * c, [1.0] * c, 0.5), sigma_data=0.5,
+                                sigma_min=0.002, sigma_max=80.0, sigma_dist={"kind": "lognormal", "p_mean": -1.2, "p_std": 1.2})
+    ExportMeta(model=dict(den.model.config), precond={"kind": "edm"}, schedule=schedule,
+               vae=Autoencoder.load(str(vae_dir)).description(),
+               weights={"raw": "raw.safetensors", "ema": {"0.999": "ema-0.999.safetensors"}}).write(exp)
     return exp
 
 
 def pipeline(den, args, root: Path) -> dict:
-    from latentdiff.vae.decode import decode_to_uint8, load_vae_for
-    from latentdiff.contracts.export import load_export
-    from latentdiff.solvers.generate import generate_latents
-    from latentdiff.cli.sample import main
-
     exp = write_export(den, args, root)
     n = args.pipeline_images
     out = root / "samples"
     t0 = time.perf_counter()
-    rc = main(["--export", str(exp), "--out", str(out), "--seeds", f"0-{n - 1}", "--batch", str(args.batch),
+    rc = sample_main(["--export", str(exp), "--out", str(out), "--seeds", f"0-{n - 1}", "--batch", str(args.batch),
                "--nfe", str(args.nfe), "--sigma-max", "edm", "--solver", args.solvers[0], "--no-progress"])
     wall = time.perf_counter() - t0
     assert rc == 0
     res = json.loads((out / "sampling.json").read_text())
     # the split of one chunk
-    d, meta = load_export(exp)
-    ae = load_vae_for(meta["vae"])
+    d, loaded = load_export(exp)
+    meta = loaded.meta
+    ae = load_vae_for(meta.vae)
     seeds = list(range(args.batch))
     t_gen = _time(lambda: generate_latents(d, seeds, [args.channels, args.resolution, args.resolution],
                                            num_classes=args.classes, method=args.solvers[0], nfe=args.nfe, sigma_max=80.0,
@@ -180,10 +174,8 @@ def pipeline(den, args, root: Path) -> dict:
     z, _ = generate_latents(d, seeds[:2], [args.channels, args.resolution, args.resolution], num_classes=args.classes,
                             method="euler", nfe=1, sigma_max=80.0)
     z = z[:1].expand(args.batch, *z.shape[1:]).contiguous()
-    t_dec = _time(lambda: decode_to_uint8(z, meta["normalization"], autoencoder=ae, batch_size=8))
-    imgs = decode_to_uint8(z, meta["normalization"], autoencoder=ae, batch_size=8)
-    from latentdiff.sampling.files import save_png
-
+    t_dec = _time(lambda: decode_to_uint8(z, meta.normalization, autoencoder=ae, batch_size=8))
+    imgs = decode_to_uint8(z, meta.normalization, autoencoder=ae, batch_size=8)
     tmp = root / "png"
     tmp.mkdir()
     t_png = _time(lambda: [save_png(im, tmp / f"{i}.png", {"seed": i}) for i, im in enumerate(imgs)])
@@ -217,8 +209,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write results.json here")
     args = p.parse_args(argv)
     if args.solvers is None:
-        from latentdiff.solvers import SAMPLERS
-
         args.solvers = ["nfe-guided", "heun", "euler", "ode3"] + (["auto"] if "auto" in SAMPLERS else [])
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -49,13 +49,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from latentdiff.contracts.export import load_export
+from latentdiff.data.encode import EncodeConfig, encode_dataset
+from latentdiff.data.manifest import load_manifest
+from latentdiff.data.shards import iter_tar, npy_load
+from latentdiff.data.synthetic import make_tiny_vae, write_image_folder
+from latentdiff.metrics.frechet import compute_statistics, frechet_distance
+from latentdiff.metrics.inception import load_feature_extractor
+from latentdiff.sampling.options import resolve_sigma_max
+from latentdiff.solvers import SAMPLERS, sample
+from latentdiff.solvers.dpm import dpm_solver_pp
+from latentdiff.utils.errors import FIDError
+from latentdiff.vae.decode import decode_to_uint8, load_vae_for
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_NFES = (5, 7, 9, 11, 15, 19, 25, 35)
@@ -69,9 +84,6 @@ SIGMA_CHOICES = ("data", "edm", "vp")
 def build_tiny(root: Path, steps: int, log=print) -> Path:
     """Encode 288 photo crops (3 classes, +flips) with a tiny random AutoencoderKL, train the tiny-cpu
     preset for ``steps`` steps (EDM log-normal noise, micro-batch 32) and export it.  Reuses what exists."""
-    from latentdiff.data.encode import EncodeConfig, encode_dataset
-    from latentdiff.data.synthetic import make_tiny_vae, write_image_folder
-
     root.mkdir(parents=True, exist_ok=True)
     data = root / "data"
     if not (data / "dataset.json").is_file():
@@ -83,10 +95,7 @@ def build_tiny(root: Path, steps: int, log=print) -> Path:
     export = root / "run" / "export" / f"step_{steps:08d}"
     if (export / "model.json").is_file():
         return export
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    import os
-
-    env = {**os.environ, **env}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "latentdiff.train", "--config", "tiny-cpu", "--dataset", str(data),
            "--run-dir", str(root / "run"), "--duration-images", str(32 * steps), "--checkpoint-every", str(steps),
            "--heldout-batch", "0", "--noise", "edm", "--micro-batch", "32", "--lr", "2e-3",
@@ -112,9 +121,6 @@ def build_tiny(root: Path, steps: int, log=print) -> Path:
 
 def dataset_latents(root: Path, normalization, seed: int = 0):
     """(model-space sampled latents (N, C, H, W) float32, raw posterior means, labels) of every shard."""
-    from latentdiff.data.manifest import load_manifest
-    from latentdiff.data.shards import iter_tar, npy_load
-
     manifest = load_manifest(root)
     means, stds, labels = [], [], []
     for sh in manifest["shards"]:
@@ -146,10 +152,6 @@ def gaussian(f: np.ndarray):
 
 
 def frechet(a, b) -> float:
-    import warnings
-
-    from latentdiff.metrics.frechet import frechet_distance
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # rank-deficient sets take the eps * I fallback
         return frechet_distance(*a, *b)
@@ -160,9 +162,6 @@ def frechet(a, b) -> float:
 
 
 def solver_table() -> dict:
-    from latentdiff.solvers.dpm import dpm_solver_pp
-    from latentdiff.solvers import SAMPLERS, sample
-
     def ours(method):
         def run(denoise, noise, nfe, smin, smax):
             return sample(denoise, noise, method=method, nfe=nfe, sigma_min=smin, sigma_max=smax, return_info=True)
@@ -213,24 +212,15 @@ def seed_noise(num: int, shape, num_classes: int):
 
 @torch.no_grad()
 def run(args) -> dict:
-    from latentdiff.vae.normalization import Normalization
-    from latentdiff.contracts.export import load_export
-    from latentdiff.contracts.export import check_export_meta
-    from latentdiff.sampling.options import resolve_sigma_max
-    from latentdiff.solvers import sample
-
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     export = Path(args.export) if args.export else build_tiny(out / "tiny", args.tiny_steps)
     weights = args.weights or ("0.99" if not args.export else "ema")
-    den, meta = load_export(export, weights=weights)
-    check_export_meta(meta)
-    norm = Normalization.from_dict(meta["normalization"])
-    res = int(meta["model"]["resolution"])
-    shape = (int(meta["model"]["in_channels"]), res, res)
-    nc = int(meta["num_classes"])
-    data_root = Path(args.dataset or meta["dataset"]["path"])
+    den, loaded = load_export(export, weights=weights)
+    meta = loaded.meta
+    norm, shape, nc = meta.normalization, meta.shape, meta.num_classes
+    data_root = Path(args.dataset or meta.dataset["path"])
     ref_z, ref_means, _ = dataset_latents(data_root, norm)
     if args.max_ref and args.max_ref < ref_z.shape[0]:  # a fixed random subset
         keep = torch.randperm(ref_z.shape[0], generator=torch.Generator().manual_seed(2))[: args.max_ref]
@@ -240,19 +230,14 @@ def run(args) -> dict:
     half = ref_z.shape[0] // 2
     perm = torch.randperm(ref_z.shape[0], generator=torch.Generator().manual_seed(1))
     floor = frechet(gaussian(proj(ref_z[perm[:half]])), gaussian(proj(ref_z[perm[half:]])))
-    print(f"export {export} ({meta['model']['name']}, step {meta.get('step')}, weights {meta['_weights_file']}); "
+    print(f"export {export} ({meta.model['name']}, step {meta.step}, weights {loaded.weights_file}); "
           f"reference: {ref_z.shape[0]} training latents from {data_root}", flush=True)
 
     fid_ctx = None
     if args.inception_weights or args.fid == "auto":
-        from latentdiff.utils.errors import FIDError
-        from latentdiff.metrics.frechet import compute_statistics
-        from latentdiff.metrics.inception import load_feature_extractor
-        from latentdiff.vae.decode import decode_to_uint8, load_vae_for
-
         try:
             ext = load_feature_extractor(args.inception_weights, device="cpu")
-            ae = load_vae_for(meta["vae"])
+            ae = load_vae_for(meta.vae)
             ref_imgs = decode_to_uint8(norm.to_model(ref_means), norm, autoencoder=ae, batch_size=64)
             ref_fid = compute_statistics(ref_imgs, ext, allow_small=True, progress=False)[:2]
 
@@ -270,12 +255,12 @@ def run(args) -> dict:
     solvers = solver_table()
     if args.solvers:
         solvers = {k: v for k, v in solvers.items() if k in args.solvers}
-    smin = float(meta["schedule"]["sigma_min"])
-    results = {"export": str(export), "weights": meta["_weights_file"], "num": args.num, "reference_n": ref_z.shape[0],
+    smin = meta.schedule.sigma_min
+    results = {"export": str(export), "weights": loaded.weights_file, "num": args.num, "reference_n": ref_z.shape[0],
                "proj_dim": args.proj_dim, "floor_fd_lat": floor, "floor_n": half, "sigma_max": {}, "rows": []}
     t_all = time.time()
     for choice in args.sigma_max:
-        smax = resolve_sigma_max(choice, meta)
+        smax = resolve_sigma_max(choice, meta.schedule.sigma_max)
         t0 = time.time()
         ode = []
         for i in range(0, args.num, args.batch):
@@ -356,6 +341,7 @@ def markdown(results, nfes, solvers, fid=False) -> str:
 
 
 def plot(results, solvers, path, key="fd_lat"):
+    # matplotlib only for the figure: a second of import time and a backend choice the study does not need
     import matplotlib
 
     matplotlib.use("Agg")

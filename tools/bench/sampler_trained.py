@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sampler accuracy on a trained model against a long-run reference (issue 5, item 3).
+"""Sampler accuracy on a trained model against a long-run reference.
 
     python tools/bench/sampler_trained.py --export RUN/export/step_X [--samples 32] [--ref-steps 256]
                                           [--nfe 7 11 15 19 23 27 35 51 79] [--out DIR]
@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+from latentdiff.contracts.export import load_export
+from latentdiff.sampling.options import resolve_sigma_max
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sampler_convergence import convergence_study, default_methods, markdown, plot  # noqa: E402
 
@@ -31,21 +34,11 @@ DEFAULT_NFES = (7, 11, 15, 19, 23, 27, 35, 51, 79)
 DEFAULT_SOLVERS = ("EDM Heun", "NFE-guided", "DPM-Solver++ 2M", "DPM-Solver++ 3M", "auto")
 
 
-def trained_denoiser(export: str, weights: str = "ema"):
-    """(denoise(x, sigma) with fixed class labels bound per batch row, meta)."""
-    from latentdiff.contracts.export import load_export
-
-    net, meta = load_export(export, weights=weights)
-    return net, meta
-
-
 def run(args) -> dict:
-    from latentdiff.sampling.options import resolve_sigma_max
-
     torch.set_grad_enabled(False)
-    net, meta = trained_denoiser(args.export, args.weights)
-    shape = tuple(meta["dataset"]["sample_shape"])
-    num_classes = int(meta.get("num_classes") or 0)
+    net, loaded = load_export(args.export, weights=args.weights)
+    meta = loaded.meta
+    shape, num_classes = meta.shape, meta.num_classes
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in range(args.samples)])
     noise = noise.double() if args.float64 else noise
     net = net.double() if args.float64 else net
@@ -54,15 +47,15 @@ def run(args) -> dict:
     def denoise(x, sigma):
         return net(x, sigma, labels) if labels is not None else net(x, sigma)
 
-    sigma_min = float(meta["schedule"]["sigma_min"]) if args.sigma_min is None else args.sigma_min
-    sigma_max = resolve_sigma_max(args.sigma_max, meta)
+    sigma_min = meta.schedule.sigma_min if args.sigma_min is None else args.sigma_min
+    sigma_max = resolve_sigma_max(args.sigma_max, meta.schedule.sigma_max)
     methods = {k: v for k, v in default_methods().items() if k in args.solvers}
     missing = [s for s in args.solvers if s not in methods]
     if missing:
         raise SystemExit(f"unknown --solvers {missing}; choose from {list(default_methods())}")
     res = convergence_study(denoise, noise, methods=methods, nfes=args.nfe, sigma_min=sigma_min, sigma_max=sigma_max,
                             ref_steps=args.ref_steps, last=args.last)
-    res["setup"] = {"export": str(args.export), "weights": meta.get("_weights_file"), "samples": args.samples,
+    res["setup"] = {"export": str(args.export), "weights": loaded.weights_file, "samples": args.samples,
                     "shape": list(shape), "sigma_min": sigma_min, "sigma_max": sigma_max,
                     "dtype": "float64" if args.float64 else "float32"}
     return res

@@ -1,0 +1,105 @@
+"""The sample stage's configuration: one dataclass, loaded from YAML and flags by ``latentdiff.utils.config``."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from latentdiff.solvers.nfe_guided import H_TAU
+from latentdiff.solvers.registry import DEFAULT_SAMPLER, SAMPLERS, check_options
+from latentdiff.utils.errors import SampleError
+
+__all__ = ["SampleConfig", "SOLVER_FLAGS"]
+
+# config field -> the sampler option it sets (``latentdiff.solvers.registry.SOLVERS[...].options``)
+SOLVER_FLAGS = {"placement": "placement", "h_tau": "h_tau", "num_ode3": "num_ode3", "midpoint": "is_midpoint",
+                "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_noise": "s_noise"}
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class SampleConfig:
+    """What ``latentdiff-sample`` does; every field is a flag (``--decode-batch``) and a YAML key."""
+
+    export: str | None = field(default=None, metadata=_help("export directory (model.json + safetensors) from "
+                                                            "latentdiff-export"))
+    diffusers_unet: str | None = field(default=None, metadata=_help(
+        "a local diffusers UNet2DModel (epsilon-prediction DDPM) or pipeline directory, instead of --export"))
+    out: str | None = field(default=None, metadata=_help("output directory (required; resumable)"))
+    seeds: str = field(default="0-63", metadata=_help("seed list/ranges, e.g. 0-49999 (one image per seed)"))
+    batch: int = field(default=64, metadata=_help("images per network forward per rank (fixed forward shape)"))
+    decode_batch: int = field(default=8, metadata=_help("latents per VAE decode (fixed decode shape)"))
+    solver: str = field(default=DEFAULT_SAMPLER, metadata=_help(f"ODE solver: {', '.join(SAMPLERS)}"))
+    nfe: int = field(default=35, metadata=_help("denoiser evaluations per image (budget, never exceeded)"))
+    steps: int | None = field(default=None, metadata=_help(
+        "noise levels instead of an NFE budget (fixed-method solvers; required by hybrid)"))
+    sigma_max: str = field(default="data", metadata=_help(
+        "data (the export's data-driven value), edm (80), vp (~152) or a number"))
+    sigma_min: float | None = field(default=None, metadata=_help("not given: the export's sigma_min (0.002)"))
+    rho: float = field(default=7.0, metadata=_help("Karras grid exponent (edm.txt Eq. 5)"))
+    placement: str | None = field(default=None, metadata=_help(
+        "RK stage noise levels: log (wsnr.txt Alg. 3; used when not given) or classical"))
+    h_tau: float | None = field(default=None, metadata=_help(f"nfe-guided: step-size threshold h_tau of wsnr.txt Algorithm 1 ({H_TAU} when not given)"))
+    num_ode3: int | None = field(default=None, metadata=_help(
+        "hybrid: number of third-order steps (largest sigma first; 0 when not given)"))
+    midpoint: bool | None = field(default=None, metadata=_help(
+        "hybrid: midpoint instead of Heun for the second-order steps"))
+    cfg: float = field(default=1.0, metadata=_help("guidance scale w: D_u + w (D_c - D_u); 1 = conditional model"))
+    guidance_interval: str | None = field(default=None, metadata=_help(
+        "sigma_lo,sigma_hi: guide only inside this interval"))
+    class_label: int | None = field(default=None, metadata=_help("one class for every image (not given: drawn per seed)"))
+    weights: str = field(default="ema", metadata=_help("ema (largest rate), an EMA rate such as 0.9999, or raw"))
+    vae: str | None = field(default=None, metadata=_help(
+        "load the export's VAE from this directory (its sha256 is still checked)"))
+    s_churn: float | None = field(default=None, metadata=_help("edm-stochastic: S_churn (edm.txt Alg. 2; 0 when not given)"))
+    s_tmin: float | None = field(default=None, metadata=_help("edm-stochastic: S_tmin"))
+    s_tmax: float | None = field(default=None, metadata=_help("edm-stochastic: S_tmax"))
+    s_noise: float | None = field(default=None, metadata=_help("edm-stochastic: S_noise"))
+    grid: int = field(default=64, metadata=_help("images in grid.png (0 = none)"))
+    no_npz: bool = field(default=False, metadata=_help("do not write samples.npz"))
+    no_progress: bool = field(default=False, metadata=_help("no progress bar"))
+
+    def validate(self) -> "SampleConfig":
+        """Raise :class:`SampleError` naming the flag when a value is out of range; returns self."""
+        if (self.export is None) == (self.diffusers_unet is None):
+            raise SampleError("give exactly one of --export EXPORT_DIR or --diffusers-unet DIR")
+        if not self.out:
+            raise SampleError("--out DIR is required (the output directory)")
+        if self.solver not in SAMPLERS:
+            raise SampleError(f"--solver {self.solver!r}: choose one of {', '.join(SAMPLERS)}")
+        for name in ("batch", "decode_batch"):
+            if getattr(self, name) < 1:
+                raise SampleError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.steps is None and self.nfe < 1:
+            raise SampleError(f"--nfe must be >= 1, got {self.nfe}")
+        if self.steps is not None and self.steps < 1:
+            raise SampleError(f"--steps must be >= 1, got {self.steps}")
+        if not math.isfinite(self.cfg):
+            raise SampleError(f"--cfg must be a finite number, got {self.cfg}")
+        if self.sigma_min is not None and not (self.sigma_min > 0 and math.isfinite(self.sigma_min)):
+            raise SampleError(f"--sigma-min must be positive, got {self.sigma_min}")
+        if self.grid < 0:
+            raise SampleError("--grid must be >= 0")
+        try:
+            check_options(self.solver, self.solver_options())
+        except ValueError as e:  # an option the solver does not use: refused, never ignored
+            flags = ", ".join(f"--{k.replace('_', '-')}" for k in SOLVER_FLAGS)
+            raise SampleError(f"--solver {self.solver}: {e} (flags {flags} set the options)") from None
+        return self
+
+    @property
+    def budget(self) -> dict:
+        """``{"nfe": N, "steps": None}`` or ``{"nfe": None, "steps": S}``: the budget the solver gets."""
+        return {"nfe": None if self.steps is not None else self.nfe, "steps": self.steps}
+
+    def solver_options(self) -> dict:
+        """The sampler options set by flags, by option name (``--midpoint`` sets ``is_midpoint``); the
+        registry refuses one the solver does not use, so this is what takes effect."""
+        out = {}
+        for name, option in SOLVER_FLAGS.items():
+            value = getattr(self, name)
+            if value is not None:
+                out[option] = value
+        return out
