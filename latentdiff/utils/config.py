@@ -8,6 +8,12 @@ with ``safe_load``, never evaluated).  :func:`add_config_flags` adds one ``--fie
 to an ``argparse`` parser (next to ``deepspeed.add_config_arguments``'s flags, which it does not touch),
 and :func:`config_from_args` turns the parsed flags back into a config.  An unknown field is an error
 that suggests the nearest field, or the field a common alias stands for (``ALIASES`` on the class).
+
+Field metadata understood besides ``help``: ``flag`` (the flag's name when it is not ``--field-name``,
+e.g. ``--input`` for the list field ``inputs``) and ``repeat`` (a list field given by repeating the
+flag, ``--input A --input B``).  A boolean flag alone means true (``--flip``); ``--flip false`` also
+works.  A field whose default is ``None`` takes the type its annotation names (``int | None``) and
+the value ``none``/``null``.
 """
 from __future__ import annotations
 
@@ -53,6 +59,30 @@ def read_yaml(spec: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of field: value")
     return data
+
+
+_KINDS = (("bool", bool), ("int", int), ("float", float), ("list", list), ("dict", dict), ("str", str))
+
+
+def _kind(f: dataclasses.Field) -> type:
+    """The type a field's values are coerced to: its default's, else the first type its annotation names."""
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    if default is not None:
+        return type(default)
+    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    for word in annotation.replace("|", " ").replace("[", " ").replace("Optional", " ").split():
+        for name, kind in _KINDS:
+            if word == name:
+                return kind
+    return str
+
+
+def _coerce_field(f: dataclasses.Field, value: Any):
+    """``value`` as the field's type; ``none``/``null`` is None for a field whose default is None."""
+    if f.default is None and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
+        return None
+    return _coerce(f.name, value, _kind(f)())
 
 
 def _coerce(name: str, value: Any, default: Any):
@@ -103,11 +133,11 @@ def load_config(cls: type[T], spec: str | None = None, overrides: dict | None = 
     base = cls()
     data = read_yaml(spec) if spec else {}
     data.update(overrides or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(_unknown_fields_message(cls, unknown, names))
-    return dataclasses.replace(base, **{k: _coerce(k, v, getattr(base, k)) for k, v in data.items()})
+        raise ConfigError(_unknown_fields_message(cls, unknown, set(fields)))
+    return dataclasses.replace(base, **{k: _coerce_field(fields[k], v) for k, v in data.items()})
 
 
 def field_help(f: dataclasses.Field) -> str:
@@ -117,17 +147,29 @@ def field_help(f: dataclasses.Field) -> str:
     return f"{text} (default: {default!r})" if text else f"default: {default!r}"
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, *, with_config: bool = True, skip=()) -> None:
-    """``--config`` plus one ``--field-name`` flag per field of ``cls`` (parsed later by ``load_config``)."""
+def add_config_flags(parser: argparse.ArgumentParser, cls, *, with_config: bool = True, skip=(),
+                     with_presets: bool = True) -> None:
+    """``--config`` plus one ``--field-name`` flag per field of ``cls`` (parsed later by ``load_config``).
+
+    ``with_presets=False``: the ``--config`` help names no preset (the presets are training configs).
+    """
     if with_config:
-        parser.add_argument("--config", default=None, help=f"YAML file or preset ({', '.join(preset_names()) or 'none'})")
+        names = ", ".join(preset_names()) or "none"
+        parser.add_argument("--config", default=None, metavar="YAML",
+                            help=f"YAML file or preset ({names})" if with_presets
+                            else f"YAML file of {cls.__name__} fields")
     group = parser.add_argument_group(f"{cls.__name__} fields (override the YAML)")
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        metavar = type(f.default).__name__.upper() if f.default is not dataclasses.MISSING else "YAML"
-        group.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None,
-                           metavar=metavar, help=field_help(f))
+        kind = _kind(f)
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        extra: dict = {"metavar": kind.__name__.upper() if kind in (int, float, str) else kind.__name__.upper() + "(YAML)"}
+        if kind is bool:
+            extra = {"nargs": "?", "const": "true", "metavar": "BOOL"}
+        elif f.metadata.get("repeat"):
+            extra = {"action": "append", "metavar": f.metadata.get("metavar", "VALUE")}
+        group.add_argument(flag, dest="cfg_" + f.name, default=None, help=field_help(f), **extra)
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, overrides: dict | None = None) -> T:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,9 @@ __all__ = [
     "device",
     "accelerator",
     "hard_exit",
+    "is_distributed",
+    "broadcast_object",
+    "all_gather_object",
 ]
 
 
@@ -56,12 +61,17 @@ def env_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def is_distributed() -> bool:
+    """Is a default process group initialized (of any size)?"""
+    return dist.is_available() and dist.is_initialized()
+
+
 def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else env_rank()
+    return dist.get_rank() if is_distributed() else env_rank()
 
 
 def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else env_world_size()
+    return dist.get_world_size() if is_distributed() else env_world_size()
 
 
 def is_main() -> bool:
@@ -69,6 +79,8 @@ def is_main() -> bool:
 
 
 def accelerator():
+    # deepspeed is imported here, not at module level: it takes seconds to import and only the device
+    # and backend choice need it (the sampler's and FID's helpers import this module too)
     import deepspeed
 
     return deepspeed.get_accelerator()
@@ -82,8 +94,6 @@ def device() -> torch.device:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -125,13 +135,34 @@ def init_distributed(timeout_minutes: float = 30.0, *, single_process_group: boo
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (pickled; the argument of the other ranks is ignored).
+
+    Without a process group (or with one rank) ``obj`` itself is returned.
+    """
+    if not is_distributed() or dist.get_world_size() == 1:
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` without a process group)."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def destroy() -> None:
     """Tear down the process group (without it a rank was seen to abort at exit)."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         try:
             dist.barrier()
         finally:
@@ -145,8 +176,6 @@ def hard_exit(rc: int) -> None:
     SIGABRT) after all work was done, from a communication thread still alive at exit (about 1 in
     200 rank exits under SLURM).  Command-line entry points call this instead of ``sys.exit``.
     """
-    import sys
-
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
