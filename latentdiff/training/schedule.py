@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from latentdiff.vae.normalization import Normalization
-from latentdiff.data.manifest import load_manifest
+from latentdiff.contracts.manifest import load_manifest
 from latentdiff.data.stats import DatasetStats
 from latentdiff.utils.errors import ConfigError
 from latentdiff.diffusion.grids import EDM_SIGMA_MAX
@@ -34,7 +34,7 @@ SCHEDULE_VERSION = 1
 
 def make_normalization(kind: str, manifest: dict, stats: DatasetStats, sigma_target: float) -> Normalization:
     if kind == "sd":
-        return Normalization.sd(manifest["vae"], channels=stats.sample_shape[0])
+        return Normalization.sd(manifest.vae, channels=stats.sample_shape[0])
     if kind == "channel":
         return Normalization.channel(stats, sigma_target)
     raise ConfigError(f"normalization: {kind!r} is not one of sd/channel")
