@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from latentdiff.contracts.export import EXPORT_FORMAT, EXPORT_VERSION
 from latentdiff.models import from_config
-from latentdiff.training.checkpoint import load_trainer_state
+from latentdiff.training.state import load_trainer_state
 from latentdiff.training.ema import consolidate
 from latentdiff.utils.errors import ExportError
 
@@ -54,7 +54,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     empty = [k for k, v in raw.items() if v.numel() == 0]
     if empty:
         raise ExportError(f"{ckpt}: consolidated tensors with 0 elements: {empty[:5]} (a ZeRO-3 partition was not gathered)")
-    net = from_config(state["model_config"])
+    net = from_config(state.model_config)
     missing, unexpected = net.load_state_dict(raw, strict=False)
     if missing or unexpected:
         raise ExportError(f"{ckpt}: weights do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -74,19 +74,19 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     meta = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
-        "step": state["step"],
-        "images_seen": state["images_seen"],
-        "model": state["model_config"],
-        "precond": state["precond"],
-        "normalization": state["schedule"]["normalization"],
-        "schedule": state["schedule"],
-        "vae": state["dataset"]["vae"],
-        "dataset": state["dataset"],
-        "num_classes": state["num_classes"],
-        "null_label": state.get("null_label", state["model_config"].get("null_label")) if state["num_classes"] > 0 else None,
-        "label_dropout": state["config"]["label_dropout"],
+        "step": state.step,
+        "images_seen": state.images_seen,
+        "model": state.model_config,
+        "precond": state.precond,
+        "normalization": state.schedule["normalization"],
+        "schedule": state.schedule,
+        "vae": state.dataset["vae"],
+        "dataset": state.dataset,
+        "num_classes": state.num_classes,
+        "null_label": state.null_label,
+        "label_dropout": state.config["label_dropout"],
         "weights": weights,
-        "train_config": state["config"],
+        "train_config": state.config,
         "checkpoint": str(ckpt),
     }
     (tmp / "model.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
