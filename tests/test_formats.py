@@ -135,3 +135,23 @@ def test_trainer_state_precond_is_the_schedules_sigma_data():
     assert st.precond["kind"] == "edm" and math.isclose(st.precond["sigma_data"], st.schedule["sigma_data"])
     uncond = dataclasses.replace(st, model_config={**st.model_config, "num_classes": 0})
     assert uncond.num_classes == 0 and uncond.null_label is None
+
+
+def test_force_resume_cannot_load_another_network():
+    """--force-resume accepts a changed config, not a changed network (a raw size-mismatch traceback before)."""
+    from latentdiff.training.resume import check_resume
+
+    st = load_trainer_state(FIXTURES)
+    same = dict(st.model_config)
+    assert check_resume(FIXTURES, st, st.config, st.schedule, world=1, zero_stage=2, force=False, model_config=same) == []
+    lr = {**st.config, "lr": 0.5}
+    assert check_resume(FIXTURES, st, lr, st.schedule, world=1, zero_stage=2, force=True, model_config=same)
+    with pytest.raises(TrainError, match="refusing to resume"):
+        check_resume(FIXTURES, st, lr, st.schedule, world=1, zero_stage=2, force=False, model_config=same)
+    # a change that keeps every weight's shape (gradient checkpointing) may be forced
+    ckpt = {**same, "grad_checkpointing": not same["grad_checkpointing"]}
+    assert check_resume(FIXTURES, st, lr, st.schedule, world=1, zero_stage=2, force=True, model_config=ckpt)
+    wider = {**same, "width": 2 * same["width"]}
+    with pytest.raises(TrainError, match=rf"another network \(width: {same['width']} -> {2 * same['width']}\).*with or without --force-resume"):
+        check_resume(FIXTURES, st, st.config, st.schedule, world=1, zero_stage=2, force=True, model_config=wider)
+

@@ -123,6 +123,31 @@ def test_batch_arithmetic_message():
     assert "multiple of micro_batch 4 x world size 2 = 8" in msg and "16 (grad_accum 2), 24 (grad_accum 3)" in msg
 
 
+def test_a_conflicting_deepspeed_batch_size_is_refused_with_both_values(tiny_dataset, tmp_path, capsys):
+    import torch.distributed as dist
+
+    from latentdiff.cli.train import main
+    from latentdiff.training.config import TrainConfig
+    from latentdiff.training.engine import build_ds_config
+    from latentdiff.utils.errors import ConfigError
+
+    cfg = TrainConfig(micro_batch=8, grad_accum=2, grad_clip=1.0)
+    base = {"zero_optimization": {"stage": 2}}
+    for agreeing in ({"train_batch_size": 32}, {"train_batch_size": "auto"}, {"gradient_clipping": 1.0}):
+        assert build_ds_config(cfg, {**base, **agreeing}, 2)["train_batch_size"] == 32
+    with pytest.raises(ConfigError, match=r"train_batch_size = 64 but the TrainConfig gives 32 \(micro_batch 8 x grad_accum 2"):
+        build_ds_config(cfg, {**base, "train_batch_size": 64}, 2)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps = 4 but the TrainConfig gives 2"):
+        build_ds_config(cfg, {**base, "gradient_accumulation_steps": 4}, 2)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({**base, "train_batch_size": 64}))
+    args = train_args(tiny_dataset, tmp_path / "r")
+    args[args.index("--deepspeed_config") + 1] = str(ds)
+    assert main(args) == 2
+    assert "train_batch_size = 64 but the TrainConfig gives 8" in capsys.readouterr().err
+    assert not dist.is_initialized() and not (tmp_path / "r").exists()
+
+
 def test_yaml_typo_suggests_the_field_it_stands_for(tiny_dataset, tmp_path, capsys):
     """A common name from another trainer (learning_rate) in a YAML file: the error names the field (lr)."""
     from latentdiff.cli.train import main

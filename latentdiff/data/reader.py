@@ -286,10 +286,6 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
     def __len__(self) -> int:
         return self.batches_per_epoch(self.epoch) - self.start_batch
 
-    def samples_per_epoch(self, epoch: int | None = None) -> int:
-        """Samples used per epoch over all ranks."""
-        return self.batches_per_epoch(epoch) * self.batch_size * self.world_size
-
     # iteration ---------------------------------------------------------------------------------
     def _logical_worker(self) -> int:
         info = torch.utils.data.get_worker_info()

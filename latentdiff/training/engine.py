@@ -21,7 +21,11 @@ __all__ = ["build_ds_config", "ds_precision", "build_engine", "warmup_steps_for"
 
 
 def build_ds_config(cfg: TrainConfig, base: dict | None, world_size: int) -> dict:
-    """The DeepSpeed config: the user's JSON (ZeRO stage, precision, offload) + our batch/clip values."""
+    """The DeepSpeed config: the user's JSON (ZeRO stage, precision, offload) + our batch/clip values.
+
+    A batch size or clipping value in the JSON that disagrees with the TrainConfig is refused (naming
+    both values) instead of being overridden; ``"auto"`` or the same value is accepted.
+    """
     ds = copy.deepcopy(base or {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}})
     for forbidden in ("optimizer", "scheduler"):
         if forbidden in ds:
@@ -29,10 +33,18 @@ def build_ds_config(cfg: TrainConfig, base: dict | None, world_size: int) -> dic
                 f"the DeepSpeed config has an '{forbidden}' section; latentdiff builds AdamW and the warmup "
                 f"schedule itself from the TrainConfig (lr, betas, eps, weight_decay, warmup_images): remove it"
             )
-    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
-    ds["gradient_accumulation_steps"] = cfg.grad_accum
-    ds["train_batch_size"] = cfg.resolved_global_batch(world_size)
-    ds["gradient_clipping"] = float(cfg.grad_clip)
+    ours = {"train_micro_batch_size_per_gpu": cfg.micro_batch, "gradient_accumulation_steps": cfg.grad_accum,
+            "train_batch_size": cfg.resolved_global_batch(world_size), "gradient_clipping": float(cfg.grad_clip)}
+    for key, value in ours.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ConfigError(
+                f"the DeepSpeed config sets {key} = {given!r} but the TrainConfig gives {value!r} (micro_batch "
+                f"{cfg.micro_batch} x grad_accum {cfg.grad_accum} x world size {world_size}, grad_clip "
+                f"{cfg.grad_clip}): set batch sizes and clipping in the TrainConfig and remove {key} from the JSON "
+                "(or write \"auto\")"
+            )
+    ds.update(ours)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     if cfg.precision != "auto":

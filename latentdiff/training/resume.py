@@ -6,6 +6,9 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
+from latentdiff.models import from_config
 from latentdiff.training.config import config_diff
 from latentdiff.training.state import TrainerState
 from latentdiff.utils.errors import TrainError
@@ -29,9 +32,34 @@ def schedule_diff(old: dict, new: dict) -> list[str]:
     return out
 
 
+def _weight_shapes(model_config: dict) -> dict[str, tuple]:
+    """The state-dict shapes of the network ``model_config`` describes (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        net = from_config(model_config)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def _check_same_network(ckpt: Path, state: TrainerState, model_config: dict) -> None:
+    """Refuse a checkpoint whose weights do not fit this network (another width, depth, class count...)."""
+    if _weight_shapes(model_config) == _weight_shapes(state.model_config):
+        return
+    new = json.loads(json.dumps(model_config))  # tuples -> lists, as the checkpoint stores them
+    changed = sorted(k for k in set(new) | set(state.model_config) if new.get(k) != state.model_config.get(k))
+    what = ", ".join(f"{k}: {json.dumps(state.model_config.get(k))} -> {json.dumps(new.get(k))}" for k in changed)
+    raise TrainError(
+        f"{ckpt} holds another network ({what}): its weights cannot be loaded into this model, with or "
+        "without --force-resume; revert the model fields or start a new run_dir"
+    )
+
+
 def check_resume(ckpt: Path, state: TrainerState, resolved: dict, schedule: dict, *, world: int, zero_stage: int,
-                 force: bool) -> list[str]:
-    """The differences that matter between ``ckpt`` and this run; raises :class:`TrainError` unless ``force``."""
+                 force: bool, model_config: dict | None = None) -> list[str]:
+    """The differences that matter between ``ckpt`` and this run; raises :class:`TrainError` unless ``force``.
+
+    A network whose weights have other shapes (``model_config``) is refused even with ``force``.
+    """
+    if model_config is not None:
+        _check_same_network(ckpt, state, model_config)
     if state.world_size != world and zero_stage > 0:
         raise TrainError(
             f"{ckpt} was written by {state.world_size} ranks but {world} are running; ZeRO checkpoints "

@@ -137,7 +137,7 @@ class Trainer:
             return False
         st = load_trainer_state(ckpt)
         diff = check_resume(ckpt, st, self.resolved, self.schedule, world=self.world, zero_stage=self.zero_stage,
-                            force=cfg.force_resume)
+                            force=cfg.force_resume, model_config=self.model_config)
         if diff and self.is_main:
             self.log("warning: resuming with a changed config (--force-resume):\n  " + "\n  ".join(diff))
         load_path, _ = self.engine.load_checkpoint(

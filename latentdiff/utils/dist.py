@@ -161,7 +161,7 @@ def all_gather_object(obj) -> list:
 
 
 def destroy() -> None:
-    """Tear down the process group (without it a rank was seen to abort at exit)."""
+    """Barrier, then tear down the process group (a rank exiting with a live group can abort at exit)."""
     if is_distributed():
         try:
             dist.barrier()
@@ -172,9 +172,9 @@ def destroy() -> None:
 def hard_exit(rc: int) -> None:
     """End a launched process after its process group is destroyed: flush and ``os._exit``.
 
-    Interpreter teardown was seen to abort a rank ("terminate called without an active exception",
-    SIGABRT) after all work was done, from a communication thread still alive at exit (about 1 in
-    200 rank exits under SLURM).  Command-line entry points call this instead of ``sys.exit``.
+    Interpreter teardown can abort a rank ("terminate called without an active exception", SIGABRT)
+    after all work is done, when a communication thread is still alive at exit.  Command-line entry
+    points call this instead of ``sys.exit``.
     """
     for stream in (sys.stdout, sys.stderr):
         try:
