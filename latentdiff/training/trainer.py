@@ -1,4 +1,4 @@
-"""The DeepSpeed training loop: EDM loss (edm.txt Eq. 2, Table 1) under WSNR-aligned noise, EMA, exact
+"""The DeepSpeed training loop: EDM loss (edm.txt Eq. 8, Table 1) under WSNR-aligned noise, EMA, exact
 resume, tensorboard.
 
 One engine holds the preconditioned denoiser (the VAE is never in it).  Per optimizer step and
