@@ -1,6 +1,7 @@
-"""Training reader (issue 7): rank/worker split, equal batch counts, determinism, resume, verification."""
+"""Training reader: rank/worker split, equal batch counts, determinism, resume, verification."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import warnings
@@ -19,8 +20,8 @@ from latentdiff.data import (
     verify_dataset,
 )
 from latentdiff.data.encode import EncodeConfig, encode_dataset
-from latentdiff.data.manifest import load_manifest
-from latentdiff.data.shards import iter_tar_bytes, npy_load
+from latentdiff.contracts.manifest import load_manifest
+from latentdiff.data.shards import iter_tar, npy_load
 from latentdiff.data.stats import DatasetStats
 from latentdiff.data.synthetic import write_image_folder
 from latentdiff.utils.errors import DataError
@@ -42,8 +43,8 @@ def data_dir(tmp_path_factory):
 
 def _all_samples(root: Path) -> dict:
     out = {}
-    for s in load_manifest(root)["shards"]:
-        for smp in iter_tar_bytes((root / s["name"]).read_bytes(), s["name"]):
+    for s in load_manifest(root).shards:
+        for smp in iter_tar(io.BytesIO((root / s.name).read_bytes()), s.name):
             out[smp["__key__"]] = smp
     return out
 
@@ -54,8 +55,8 @@ def _epoch(loader):
 
 def test_two_ranks_two_workers_disjoint_keys_equal_batches(data_dir):
     manifest = load_manifest(data_dir)
-    n = manifest["num_samples"]
-    assert n == 42 and len(manifest["shards"]) == 11
+    n = manifest.num_samples
+    assert n == 42 and len(manifest.shards) == 11
     orders = []
     for epoch in (0, 1):
         per_rank = []
@@ -127,7 +128,7 @@ def test_too_few_shards_and_worker_mismatch_are_clear(data_dir):
 def test_corrupt_or_truncated_shard_is_named(data_dir, tmp_path):
     bad = tmp_path / "ds"
     shutil.copytree(data_dir, bad)
-    name = load_manifest(bad)["shards"][4]["name"]
+    name = load_manifest(bad).shards[4].name
     path = bad / name
     raw = path.read_bytes()
     # same size, one byte changed inside a payload: only the checksum sees it

@@ -1,4 +1,4 @@
-"""Encoding stage (issue 7): preprocessing, bad input, manifest, statistics, normalization round trip.
+"""Encoding stage: preprocessing, bad input, manifest, statistics, normalization round trip.
 
 All offline: a tiny AutoencoderKL built from a config and saved to a temp dir, images cropped from the
 photos bundled with scikit-image.  Multi-process tests live in test_encode_dist.py.
@@ -25,12 +25,13 @@ from latentdiff.vae.normalization import Normalization
 from latentdiff.data.encode import EncodeConfig, encode_dataset, format_summary
 from latentdiff.data.images import ImageSkip, adm_center_crop, decode_image, load_and_preprocess, to_rgb
 from latentdiff.data.inputs import InputItem, list_inputs, read_item_bytes
-from latentdiff.data.manifest import load_manifest
+from latentdiff.contracts.manifest import load_manifest
 from latentdiff.data.photos import load_photo
-from latentdiff.data.shards import iter_tar_bytes, npy_load, sha256_file
+from latentdiff.data.shards import iter_tar, npy_load
 from latentdiff.data.stats import DatasetStats, rgb64_power
 from latentdiff.data.synthetic import make_tiny_vae, write_image_folder, write_image_tar
 from latentdiff.utils.errors import EncodeError
+from latentdiff.utils.io import sha256_file
 
 RES = 32
 
@@ -67,8 +68,8 @@ def dataset(tmp_path_factory, vae_dir, folder):
 def _read_all(out: Path):
     m = load_manifest(out)
     samples = []
-    for s in m["shards"]:
-        for smp in iter_tar_bytes((out / s["name"]).read_bytes(), s["name"]):
+    for s in m.shards:
+        for smp in iter_tar(io.BytesIO((out / s.name).read_bytes()), s.name):
             samples.append(smp)
     return m, samples
 
@@ -244,27 +245,30 @@ def test_vae_gets_channels_last_batches_with_the_decoded_pixels(vae_dir, folder,
 def test_manifest_contents(dataset, vae_dir, folder):
     out, summary = dataset
     m, samples = _read_all(out)
-    assert m["format"] == "latentdiff-latents" and m["format_version"] == 1
-    vae = m["vae"]
+    raw = json.loads((out / "dataset.json").read_text())
+    assert raw["format"] == "latentdiff-latents" and raw["format_version"] == 2
+    vae = m.vae
     assert vae["kind"] == "AutoencoderKL" and vae["id"] == str(Path(vae_dir).resolve()) and vae["source"] == "local"
     assert vae["scaling_factor"] == pytest.approx(0.18215) and vae["shift_factor"] is None
     assert vae["latent_channels"] == 4 and vae["downsampling_factor"] == 2 and vae["in_pixel_range"] == [-1.0, 1.0]
     assert vae["weights_sha256"] == sha256_file(Path(vae_dir) / "diffusion_pytorch_model.safetensors")
-    assert m["vae_precision"] == "fp32" and m["pixel_range"] == [-1.0, 1.0]
-    assert m["resolution"] == RES and m["sample_shape"] == [4, RES // 2, RES // 2]
-    assert m["class_names"] == ["astronaut", "chelsea", "coffee"] and m["num_classes"] == 3
+    assert m.vae_precision == "fp32" and list(m.pixel_range) == [-1.0, 1.0] == raw["pixel_range"]
+    assert m.resolution == RES and list(m.sample_shape) == [4, RES // 2, RES // 2] == raw["sample_shape"]
+    assert m.class_names == ["astronaut", "chelsea", "coffee"] and m.num_classes == 3
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     n_images = 15 - len(skipped)
     assert all(s["reason"] == "too_small" for s in skipped)  # size_range starts below RES/2
-    assert m["num_images"] == n_images and m["num_samples"] == 2 * n_images == len(samples)
-    assert m["skipped"]["total"] == len(skipped) == summary["skipped"]
-    assert m["preprocessing"]["flip"] is True and m["preprocessing"]["min_size"] == RES // 2
-    assert m["command"] == "test" and m["stored"]["dtype"] == "float16"
-    for s in m["shards"]:
-        assert 0 < s["count"] <= 6 and sha256_file(out / s["name"]) == s["sha256"]
-        assert (out / s["name"]).stat().st_size == s["bytes"]
+    assert m.num_images == n_images and m.num_samples == 2 * n_images == len(samples)
+    assert m.skipped_total == len(skipped) == summary["skipped"]
+    assert m.flip is True and m.min_size == RES // 2 and raw["preprocessing"]["flip"] is True
+    assert m.command == "test" and raw["stored"]["dtype"] == "float16"
+    for s in m.shards:
+        assert 0 < s.count <= 6 and sha256_file(out / s.name) == s.sha256
+        assert (out / s.name).stat().st_size == s.bytes
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["shards_hash"] == m["shards_hash"] and stats["n"] == m["num_samples"]
+    assert stats["shards_hash"] == m.shards_hash and stats["n"] == m.num_samples
+    # each value is stored once: the totals, the shard-list hash and the encode.json copy are derived
+    assert not {"num_samples", "num_images", "shards_hash", "fingerprint", "num_chunks"} & set(raw)
     # every sample: members, dtypes, label = folder name, flip pairs, key = global index
     keys = [s["__key__"] for s in samples]
     assert len(set(keys)) == len(keys)
@@ -273,7 +277,7 @@ def test_manifest_contents(dataset, vae_dir, folder):
         mean, std = npy_load(smp["mean.npy"]), npy_load(smp["std.npy"])
         assert mean.dtype == std.dtype == np.float16 and mean.shape == (4, RES // 2, RES // 2)
         assert (std > 0).all()
-        assert int(smp["cls"]) == meta["label"] == m["class_names"].index(Path(meta["source"]).parent.name)
+        assert int(smp["cls"]) == meta["label"] == m.class_names.index(Path(meta["source"]).parent.name)
         assert smp["__key__"] == f"{meta['index']:09d}" + ("-flip" if meta["flipped"] else "")
     # no temporaries left, writers closed (every shard parses to the end)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -304,7 +308,7 @@ def test_normalization_round_trip_and_swapped_metadata_fails(dataset, vae_dir):
     m, samples = _read_all(out)
     smp = next(s for s in samples if not json.loads(s["json"])["flipped"])
     meta = json.loads(smp["json"])
-    ae = Autoencoder.load(m["vae"]["id"])
+    ae = Autoencoder.load(m.vae["id"])
     img = load_and_preprocess(Path(meta["source"]).read_bytes(), RES, min_size=RES // 2)
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
     mean_ref, std_ref = ae.encode(x)
@@ -312,7 +316,7 @@ def test_normalization_round_trip_and_swapped_metadata_fails(dataset, vae_dir):
     assert torch.allclose(stored, mean_ref, rtol=2e-3, atol=2e-3)  # float16 storage of the posterior mean
     assert torch.allclose(torch.from_numpy(npy_load(smp["std.npy"]).astype(np.float32))[None], std_ref, rtol=2e-3, atol=1e-4)
     reference = ae.decode(mean_ref)
-    sd = Normalization.sd(m["vae"])
+    sd = Normalization.sd(m.vae)
     ch = Normalization.channel(DatasetStats.load(out))
     assert sd.scale == (0.18215,) * 4 and sd.shift == (0.0,) * 4
     for norm in (sd, ch, Normalization.from_dict(json.loads(json.dumps(ch.to_dict())))):
@@ -335,7 +339,7 @@ def test_statistics_equal_brute_force(dataset):
     mean = torch.from_numpy(np.stack([npy_load(s["mean.npy"]) for s in samples]).astype(np.float64))
     std = torch.from_numpy(np.stack([npy_load(s["std.npy"]) for s in samples]).astype(np.float64))
     n = mean.shape[0]
-    assert st.n == n == m["num_samples"]
+    assert st.n == n == m.num_samples
     rt = dict(rtol=1e-12, atol=0)
     torch.testing.assert_close(st.channel_mean, mean.mean(dim=(0, 2, 3)), **rt)
     var_m = mean.var(dim=(0, 2, 3), unbiased=False)
@@ -384,7 +388,7 @@ def test_dataset_stats_tool_recomputes_exactly(dataset, capsys):
     assert tool.main([str(out), "--no-progress", "--rtol", "1e-12"]) == 0
     text = capsys.readouterr().out
     assert "agree" in text and "latent_power" in text
-    from latentdiff.data.stats import recompute_stats, relative_difference
+    from latentdiff.data.recompute import recompute_stats, relative_difference
 
     new, notes = recompute_stats(out)
     assert notes == [] and max(relative_difference(new, DatasetStats.load(out)).values()) == 0.0
@@ -450,7 +454,7 @@ def test_bad_corpus_never_stops_the_run(tmp_path, vae_dir, capsys):
     members = sorted(json.loads(s["json"])["member"] for s in samples if json.loads(s["json"])["member"])
     assert members == ["000000.png", "000001.png"]
     assert skipped["cut.tar"]["reason"] == "corrupt_container"  # the tar itself ends early
-    assert summary["skipped"] == len(bads) + 5 == m["skipped"]["total"]
+    assert summary["skipped"] == len(bads) + 5 == m.skipped_total
     assert summary["num_images"] == len(goods) + 2
     text = capsys.readouterr().out
     assert "skipped 11" in text and "decompression_bomb 1" in text
@@ -460,8 +464,8 @@ def test_pixel_space_vae_none(tmp_path, folder):
     out = tmp_path / "px"
     _encode([folder], out, "none", shard_size=4)
     m, samples = _read_all(out)
-    assert m["vae"] == "none" and m["sample_shape"] == [3, RES, RES]
-    assert "pixels in [-1, 1]" in m["stored"]["content"]
+    assert m.vae == "none" and list(m.sample_shape) == [3, RES, RES]
+    assert "pixels in [-1, 1]" in json.loads((out / "dataset.json").read_text())["stored"]["content"]
     for smp in samples[:5]:
         meta = json.loads(smp["json"])
         img = load_and_preprocess(Path(meta["source"]).read_bytes(), RES, min_size=RES // 2)
@@ -501,6 +505,33 @@ def test_bad_arguments_fail_fast(tmp_path, folder, vae_dir, monkeypatch):
     with pytest.raises(EncodeError, match="--output .*no encode.json"):
         _encode([folder], tmp_path / "foreign", vae_dir)
     assert not out.exists() or not any(out.glob("shard-*"))
+
+
+def test_cli_reads_a_yaml_config_and_flags_override_it(tmp_path, folder, capsys):
+    """``latentdiff-encode --config encode.yaml``: the same EncodeConfig fields as the flags, flags win."""
+    from latentdiff.cli.encode import main
+
+    cfg = tmp_path / "encode.yaml"
+    cfg.write_text(f"inputs: [{folder}]\noutput: {tmp_path / 'out'}\nresolution: {RES}\nvae: none\n"
+                   "shard_size: 100\nworkers: 0\nmin_size: null\n")
+    summary = tmp_path / "summary.json"
+    assert main(["--config", str(cfg), "--shard-size", "4", "--flip", "--min-size", "20", "--no-progress",
+                 "--summary-json", str(summary)]) == 0
+    m = load_manifest(tmp_path / "out")
+    assert (m.shard_size, m.flip, m.min_size, m.vae, m.resolution) == (4, True, 20, "none", RES)
+    assert json.loads(summary.read_text())["num_samples"] == m.num_samples > 0
+    assert f"-> {tmp_path / 'out'}" in capsys.readouterr().out
+    # repeated --input flags; a YAML typo gets a suggestion; a missing input is named; all exit 2
+    assert main(["--input", str(folder / "chelsea"), "--input", str(folder / "coffee"), "--output",
+                 str(tmp_path / "two"), "--resolution", str(RES), "--vae", "none", "--workers", "0",
+                 "--no-progress"]) == 0
+    assert load_manifest(tmp_path / "two").class_names is None  # two class folders given as roots: no labels
+    cfg.write_text("input: [x]\nimage_size: 64\n")
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "input (did you mean inputs?)" in err and "image_size (did you mean resolution?)" in err
+    assert main(["--output", str(tmp_path / "o2"), "--resolution", "32"]) == 2
+    assert "no --input given" in capsys.readouterr().err
 
 
 def test_vae_fp32_outside_autocast_and_precision_validation(vae_dir):

@@ -1,4 +1,4 @@
-"""SLURM scripts (issue 8, item 8): slurm/{encode,train,sample}.sbatch.
+"""SLURM scripts: slurm/{encode,train,sample}.sbatch.
 
 Two layers:
 

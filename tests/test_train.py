@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from v1_formats import rewrite_state_as_v1
 
 REPO = Path(__file__).resolve().parents[1]
 DS = REPO / "ds_configs"
@@ -113,6 +114,69 @@ def test_batch_arithmetic_message():
         cfg.validate(world_size=2)
     assert "64 != micro_batch 8 x grad_accum 2 x world size 2 = 32" in str(e.value)
     assert "grad_accum = 4" in str(e.value)
+    # a global batch no integer grad_accum reaches: say so and list the valid ones around it
+    cfg = TrainConfig(dataset="", micro_batch=4, grad_accum=1, global_batch=17)
+    with pytest.raises(ConfigError) as e:
+        cfg.validate(world_size=2)
+    msg = str(e.value)
+    assert "2.125" not in msg and "no integer grad_accum fits" in msg
+    assert "multiple of micro_batch 4 x world size 2 = 8" in msg and "16 (grad_accum 2), 24 (grad_accum 3)" in msg
+
+
+def test_a_conflicting_deepspeed_batch_size_is_refused_with_both_values(tiny_dataset, tmp_path, capsys):
+    import torch.distributed as dist
+
+    from latentdiff.cli.train import main
+    from latentdiff.training.config import TrainConfig
+    from latentdiff.training.engine import build_ds_config
+    from latentdiff.utils.errors import ConfigError
+
+    cfg = TrainConfig(micro_batch=8, grad_accum=2, grad_clip=1.0)
+    base = {"zero_optimization": {"stage": 2}}
+    for agreeing in ({"train_batch_size": 32}, {"train_batch_size": "auto"}, {"gradient_clipping": 1.0}):
+        assert build_ds_config(cfg, {**base, **agreeing}, 2)["train_batch_size"] == 32
+    with pytest.raises(ConfigError, match=r"train_batch_size = 64 but the TrainConfig gives 32 \(micro_batch 8 x grad_accum 2"):
+        build_ds_config(cfg, {**base, "train_batch_size": 64}, 2)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps = 4 but the TrainConfig gives 2"):
+        build_ds_config(cfg, {**base, "gradient_accumulation_steps": 4}, 2)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({**base, "train_batch_size": 64}))
+    args = train_args(tiny_dataset, tmp_path / "r")
+    args[args.index("--deepspeed_config") + 1] = str(ds)
+    assert main(args) == 2
+    assert "train_batch_size = 64 but the TrainConfig gives 8" in capsys.readouterr().err
+    assert not dist.is_initialized() and not (tmp_path / "r").exists()
+
+
+def test_yaml_typo_suggests_the_field_it_stands_for(tiny_dataset, tmp_path, capsys):
+    """A common name from another trainer (learning_rate) in a YAML file: the error names the field (lr)."""
+    from latentdiff.cli.train import main
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"dataset: {tiny_dataset}\nlearning_rate: 0.001\nmicro_batchsize: 4\n")
+    assert main(["--config", str(cfg), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate (did you mean lr?)" in err and "micro_batchsize (did you mean micro_batch?)" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_help_describes_every_field(capsys):
+    """``latentdiff-train --help``: every TrainConfig field has a description of its own, not only a default."""
+    import dataclasses
+
+    from latentdiff.cli.train import parse_args
+    from latentdiff.training.config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        assert len(f.metadata.get("help", "")) > 10, f"{f.name} has no help text"
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out, flag
+        assert " ".join(f.metadata["help"].split())[:30] in out, f.name
+    assert "AdamW learning rate" in out and "no export is written when it stops early" in out
 
 
 def test_wsnr_aligned_schedule_equals_analytic_shift(tiny_dataset):
@@ -166,11 +230,93 @@ def _all_batches(ds):
 
 
 def test_step_seeds_differ_per_rank_and_repeat():
-    from latentdiff.training.trainer import step_seed
+    from latentdiff.utils.seeds import step_seed
 
     seeds = {step_seed(0, s, m, r) for s in range(50) for m in range(2) for r in range(4)}
     assert len(seeds) == 400
     assert step_seed(3, 7, 1, 2) == step_seed(3, 7, 1, 2) != step_seed(4, 7, 1, 2)
+
+
+def test_sample_preview_loads_the_vae_once_and_uses_the_default_sampler(tiny_dataset, tmp_path, monkeypatch):
+    """Two tensorboard sample grids: one VAE load (and weights hash) per run, the default sampler."""
+    from latentdiff.contracts.manifest import load_manifest
+    from latentdiff.diffusion.precond import EDMPrecond
+    from latentdiff.models import build
+    from latentdiff.solvers.registry import DEFAULT_SAMPLER
+    from latentdiff.training import preview as pv
+    from latentdiff.training.config import TrainConfig
+    from latentdiff.training.schedule import resolve_schedule
+    from latentdiff.training.tb import TBWriter
+    from latentdiff.vae.normalization import Normalization
+
+    loads, methods = [], []
+    real_load, real_generate = pv.load_vae_for, pv.generate_latents
+    monkeypatch.setattr(pv, "load_vae_for", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(pv, "generate_latents", lambda *a, **k: methods.append(k["method"]) or real_generate(*a, **k))
+    cfg = TrainConfig(dataset=str(tiny_dataset))
+    assert cfg.sample_solver == DEFAULT_SAMPLER
+    m, sched = load_manifest(tiny_dataset), resolve_schedule(cfg)
+    c, h, _ = m.sample_shape
+    torch.manual_seed(0)
+    d = EDMPrecond(build("uvit-tiny", in_channels=c, resolution=h, num_classes=m.num_classes), sched["sigma_data"]).eval()
+    preview = pv.SamplePreview(tmp_path, m.vae, Normalization.from_dict(sched["normalization"]), m.sample_shape,
+                               m.num_classes, solver=cfg.sample_solver, nfe=7, count=4, sigma_min=sched["sigma_min"],
+                               sigma_max=sched["sigma_max"], device=torch.device("cpu"))
+    tb = TBWriter(tmp_path / "tb", enabled=False)
+    g1, g2 = preview.log(tb, d, 10), preview.log(tb, d, 20)
+    assert len(loads) == 1 and methods == [DEFAULT_SAMPLER, DEFAULT_SAMPLER]
+    assert g1.dtype == torch.uint8 and g1.shape == (3, 2 * 32, 2 * 32) and torch.equal(g1, g2)  # same seeds
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000010.png", "step_00000020.png"]
+
+
+def test_log_lines_do_not_land_on_the_progress_bar(monkeypatch):
+    """A line logged while the bar is shown ("saved checkpoint ...") starts on a cleared line."""
+    import io
+
+    from tqdm import tqdm
+
+    from latentdiff.training.trainer import log_above_bar
+
+    term = io.StringIO()  # one terminal: stdout and stderr end up in the same place
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setattr(sys, "stderr", term)
+    import re
+
+    bar = tqdm(total=10, file=sys.stderr, desc="train", ascii=True, mininterval=0, miniters=1)
+    bar.update(3)
+    log_above_bar(print, "saved checkpoint X")
+    bar.update(1)
+    bar.close()
+    text = term.getvalue()
+    before = text[: text.index("saved checkpoint X")]
+    # the bar (at 3/10) was drawn, then erased ("\r", blanks, "\r"), then the line was printed
+    assert re.search(r"3/10[^\n]*\r *\r$", before), repr(before[-120:])
+    assert "saved checkpoint X\n" in text and "4/10" in text[text.index("saved checkpoint X"):]
+
+
+def test_run_description_keeps_the_wsnr_note_short(tiny_dataset):
+    """tiny-cpu on latents: the DC-dominated WSNR shift is a one-line note; no note without the DC bin."""
+    from types import SimpleNamespace
+
+    from latentdiff.contracts.manifest import load_manifest
+    from latentdiff.training.config import TrainConfig
+    from latentdiff.training.schedule import resolve_schedule
+    from latentdiff.training.trainer import Trainer
+    from latentdiff.utils.config import load_config
+
+    for include_dc in (True, False):
+        cfg = load_config(TrainConfig, "tiny-cpu", {"dataset": str(tiny_dataset), "wsnr_include_dc": include_dc})
+        m, sched = load_manifest(tiny_dataset), resolve_schedule(cfg)
+        run = SimpleNamespace(cfg=cfg, schedule=sched, manifest=m, run_dir="RUN", sample_shape=m.sample_shape,
+                              num_classes=m.num_classes, world=1, zero_stage=2, precision="fp32", global_batch=8,
+                              total_steps=512)
+        text = Trainer.describe(run)
+        notes = [line for line in text.splitlines() if line.startswith(("note", "warning"))]
+        if include_dc:
+            assert abs(sched["wsnr"]["p_mean_shift"]) > 1.5  # the case the note is for
+            assert len(notes) == 1 and len(notes[0]) < 140 and "--wsnr-include-dc false" in notes[0]
+        else:
+            assert notes == []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +470,15 @@ def test_resume_refuses_a_changed_config(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     p = torchrun(train_args(tiny_dataset, run, "--max-steps", 2, "--checkpoint-every", 2), nproc=1)
     assert p.returncode == 0, p.stderr[-3000:]
+    # stopped by --max-steps: no export, and the message says so and how to make one
+    assert not (run / "export").exists()
+    assert "stopped by --max-steps at step 2 of 512: no export was written" in p.stdout, p.stdout[-2000:]
+    assert f"latentdiff-export {run}" in p.stdout
+    # the tiny-cpu preset's WSNR note is one short line
+    assert "Eq. 2 includes the zero frequency" not in p.stdout
+    assert all(len(line) < 200 for line in p.stdout.splitlines() if line.startswith(("note", "warning")))
+    # a checkpoint written in the previous trainer_state.json format resumes (and is refused) the same way
+    rewrite_state_as_v1(run / "checkpoints" / "step_00000002")
     p = torchrun(train_args(tiny_dataset, run, "--max-steps", 4, "--lr", 0.5), nproc=1)
     assert p.returncode != 0  # the rank exits 2; torchrun reports a failure
     assert "refusing to resume" in p.stderr and "lr: 0.001 (checkpoint) -> 0.5 (now)" in p.stderr
@@ -373,6 +528,7 @@ def test_zero0_checkpoint_exports_through_weights_only_load(tiny_dataset, tmp_pa
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     ckpt = run / "checkpoints" / "step_00000002"
     assert not list(ckpt.glob("*optim_states.pt")) and list(ckpt.glob("mp_rank_*_model_states.pt"))
+    rewrite_state_as_v1(ckpt)  # a checkpoint of the previous trainer_state.json format exports too
     out = tmp_path / "export"
     e = subprocess.run([sys.executable, "-m", "latentdiff.cli.export", str(run), "--out", str(out)], env=_env(),
                        capture_output=True, text=True, timeout=120, cwd=REPO)

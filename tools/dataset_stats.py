@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from latentdiff.data.stats import DatasetStats, recompute_stats, relative_difference
+from latentdiff.data.recompute import recompute_stats, relative_difference
+from latentdiff.data.stats import DatasetStats
 from latentdiff.utils.errors import DataError
 
 

@@ -23,13 +23,21 @@ import math
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 
+from latentdiff.contracts.manifest import load_manifest
+from latentdiff.data.photos import random_crops
+from latentdiff.data.reader import LatentShardDataset
+from latentdiff.data.stats import DatasetStats
+from latentdiff.training.schedule import make_normalization, model_space_power
 from latentdiff.diffusion.grids import EDM_SIGMA_MAX
 from latentdiff.diffusion.distances import DistanceStats, p_upper_bound
 from latentdiff.diffusion.noise import LogNormalSigma, wsnr_aligned
 from latentdiff.diffusion.spectral import power_spectrum, wsnr, wsnr_equivalent_sigma
 
+
+plt.switch_backend("Agg")  # files only, no display
 
 class Source:
     """One data set: a name, its mean power spectrum, per-point distances and (mu_d, sigma_d, N)."""
@@ -39,8 +47,6 @@ class Source:
 
 
 def photo_sources(resolutions, num, seed) -> list[Source]:
-    from latentdiff.data.photos import random_crops
-
     out = []
     for r in resolutions:
         x, _ = random_crops(num, r, seed=seed + r, dtype=torch.float64)
@@ -51,15 +57,8 @@ def photo_sources(resolutions, num, seed) -> list[Source]:
 
 def dataset_sources(root: Path, normalization: str, sigma_target: float, max_points: int) -> tuple[list[Source], torch.Tensor]:
     """(the dataset's model-space latents as a Source, its 64x64 RGB reference spectrum)."""
-    from latentdiff.data.reader import LatentShardDataset
-    from latentdiff.data.stats import DatasetStats
-    from latentdiff.training.schedule import model_space_power
-
     stats = DatasetStats.load(root)
-    manifest = json.loads((root / "dataset.json").read_text())
-    from latentdiff.training.schedule import make_normalization
-
-    norm = make_normalization(normalization, manifest, stats, sigma_target)
+    norm = make_normalization(normalization, load_manifest(root), stats, sigma_target)
     scale = torch.tensor(norm.scale, dtype=torch.float64)
     dist = stats.distance_stats()
     ds = LatentShardDataset(root, 64, rank=0, world_size=1, num_workers=0, shuffle=False, verify="none")
@@ -78,11 +77,6 @@ def dataset_sources(root: Path, normalization: str, sigma_target: float, max_poi
 
 def plot_all(sources: list[Source], reference: Source | None, out: Path, p_mean: float, p_std: float,
              include_dc: bool) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
     base = LogNormalSigma(p_mean, p_std)
     ref = reference or sources[0]

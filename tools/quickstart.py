@@ -34,6 +34,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from latentdiff.contracts.manifest import load_manifest
+from latentdiff.data.photos import PHOTO_NAMES, load_photo
+from latentdiff.data.reader import LatentShardDataset
+from latentdiff.data.stats import DatasetStats
+from latentdiff.vae.decode import decode_to_uint8, image_grid
+from latentdiff.vae.normalization import Normalization
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -53,11 +64,6 @@ def sh(cmd, log: Path, env=None, what=""):
 
 def write_photo_dataset(root: Path, per_class: int, seed: int) -> int:
     """Random square-ish crops (64..160 px) of every bundled photo, one folder (class) per photo."""
-    import numpy as np
-    from PIL import Image
-
-    from latentdiff.data.photos import PHOTO_NAMES, load_photo
-
     rng = np.random.default_rng(seed)
     n = 0
     for name in PHOTO_NAMES:
@@ -74,20 +80,12 @@ def write_photo_dataset(root: Path, per_class: int, seed: int) -> int:
 
 def data_grid(dataset: Path, out_png: Path, n: int = 64) -> None:
     """A grid of training images decoded exactly as the sampler decodes (inverse normalization + VAE)."""
-    import torch
-    from PIL import Image
-
-    from latentdiff.vae.normalization import Normalization
-    from latentdiff.data.reader import LatentShardDataset
-    from latentdiff.vae.decode import decode_to_uint8, image_grid
-
-    manifest = json.loads((dataset / "dataset.json").read_text())
+    manifest = load_manifest(dataset)
     ds = LatentShardDataset(dataset, n, rank=0, world_size=1, num_workers=0, shuffle=True, verify="none", seed=1)
     mean, _, _, _ = next(iter(ds))
     ident = Normalization.identity(mean.shape[1])
-    imgs = decode_to_uint8(mean, ident, manifest["vae"])
+    imgs = decode_to_uint8(mean, ident, manifest.vae)
     Image.fromarray(image_grid(imgs).permute(1, 2, 0).numpy()).save(out_png)
-    del torch
 
 
 def main(argv=None) -> int:
@@ -165,10 +163,6 @@ def main(argv=None) -> int:
 
 
 def write_report(out, data, run, export, samples, bench, seconds, args) -> str:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from latentdiff.data.stats import DatasetStats
-
     meta = json.loads((export / "model.json").read_text())
     sched = meta["schedule"]
     sampling = json.loads((samples / "sampling.json").read_text())

@@ -6,7 +6,8 @@
 
 Every TrainConfig field is a flag (``--lr``, ``--micro-batch``, ...); the config is validated before any
 process group starts.  Re-running the same command resumes from the latest checkpoint; SIGTERM/SIGUSR1
-(SLURM preemption) makes every rank save and exit 0.
+(SLURM preemption) makes every rank save and exit 0.  A finished run writes ``RUN/export/step_N``; a run
+stopped earlier (``--max-steps``, a signal) writes none: export its checkpoint with ``latentdiff-export RUN``.
 """
 from __future__ import annotations
 
@@ -14,25 +15,26 @@ import argparse
 import json
 import sys
 
-from latentdiff.utils import dist as ldist
-from latentdiff.utils.errors import ConfigError, LatentdiffError
-from latentdiff.training.config import TrainConfig
-from latentdiff.utils.config import add_config_flags, config_from_args
+import deepspeed
 
-__all__ = ["main", "parse_args"]
+from latentdiff.training.checkpoint import find_latest
+from latentdiff.training.config import TrainConfig
+from latentdiff.training.engine import build_ds_config
+from latentdiff.training.export import export_checkpoint
+from latentdiff.training.signals import install_signal_handlers
+from latentdiff.training.trainer import Trainer
+from latentdiff.utils import dist as ldist
+from latentdiff.utils.config import add_config_flags, config_from_args
+from latentdiff.utils.errors import ConfigError, LatentdiffError
+
+__all__ = ["main", "parse_args", "cli"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="latentdiff-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p, TrainConfig)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    try:
-        import deepspeed
-
-        p = deepspeed.add_config_arguments(p)
-    except ImportError:  # pragma: no cover - deepspeed is a hard dependency
-        p.add_argument("--deepspeed_config", default=None)
-    return p.parse_args(argv)
+    return deepspeed.add_config_arguments(p).parse_args(argv)
 
 
 def _read_ds_config(path):
@@ -47,32 +49,36 @@ def _read_ds_config(path):
         raise ConfigError(f"--deepspeed_config {path}: not valid JSON ({e})") from None
 
 
-def main(argv=None) -> int:
-    from latentdiff.training.trainer import install_signal_handlers
+def _finish(trainer: Trainer, result: dict) -> None:
+    """Rank 0: export a finished run; say that an unfinished one has no export and how to make one."""
+    ckpt = find_latest(trainer.ckpt_root)
+    if result["finished"]:
+        out = export_checkpoint(ckpt, trainer.run_dir / "export" / ckpt.name)
+        print(f"exported {out}", flush=True)
+        return
+    why = "a stop signal" if result["stopped"] else "--max-steps"
+    print(f"stopped by {why} at step {result['step']} of {trainer.total_steps}: no export was written. Re-run the "
+          f"same command to continue, or export the checkpoint now with: latentdiff-export {trainer.run_dir}",
+          flush=True)
 
+
+def main(argv=None) -> int:
     args = parse_args(argv)
     world = ldist.env_world_size()
     try:
-        cfg = config_from_args(TrainConfig, args).validate(world)  # before any process group (trap T24)
+        cfg = config_from_args(TrainConfig, args).validate(world)  # before any process group starts
         ds_config = _read_ds_config(getattr(args, "deepspeed_config", None))
+        build_ds_config(cfg, ds_config, world)  # a conflicting batch size is refused here, not on every rank
     except ConfigError as e:
         print(f"latentdiff-train: {e}", file=sys.stderr)
         return 2
-    from latentdiff.training.trainer import Trainer
-
     install_signal_handlers()  # before the (slow) setup, so a preemption signal is never lost
-    trainer = None
     try:
         ldist.init_distributed(cfg.comm_timeout_minutes, single_process_group=True)
         trainer = Trainer(cfg, ds_config, log=lambda m: print(m, flush=True) if ldist.is_main() else None)
         result = trainer.train()
-        if result["finished"] and ldist.is_main():
-            from latentdiff.training.export import export_checkpoint
-            from latentdiff.training.checkpoint import find_latest
-
-            ckpt = find_latest(trainer.ckpt_root)
-            out = export_checkpoint(ckpt, trainer.run_dir / "export" / ckpt.name)
-            print(f"exported {out}", flush=True)
+        if ldist.is_main():
+            _finish(trainer, result)
         ldist.barrier()
     except LatentdiffError as e:
         print(f"latentdiff-train (rank {ldist.get_rank()}): {e}", file=sys.stderr, flush=True)

@@ -1,9 +1,13 @@
-"""Image decoding, webdataset shards, manifests and dataset statistics.
+"""The encode stage and its reader: image decoding and crops, webdataset shards, statistics.
 
-Writing side: :func:`latentdiff.data.encode.encode_dataset` (``tools/encode_latents.py``).
-Reading side (trainer): :class:`LatentShardDataset`, :func:`make_loader`, :func:`sample_latent`,
-:func:`verify_dataset`, :func:`check_normalization`, :class:`DatasetStats`, :func:`load_manifest`.
-The names are imported lazily so ``latentdiff.data.photos`` stays cheap to import.
+Writing side: :func:`latentdiff.data.encode.encode_dataset` (``latentdiff-encode``,
+``tools/encode_latents.py``) with its :class:`~latentdiff.data.config.EncodeConfig`.  Reading side
+(trainer): :class:`LatentShardDataset`, :func:`make_loader`, :func:`sample_latent`,
+:func:`verify_dataset`, :func:`check_normalization`, :class:`DatasetStats`.  The manifest
+``dataset.json`` is the typed :class:`latentdiff.contracts.manifest.DatasetManifest`.
+
+The names are imported on first use, so ``latentdiff.data.photos`` (used by tests and tools without
+the reader) stays cheap to import.
 """
 import importlib
 
@@ -11,10 +15,8 @@ _EXPORTS = {
     "DatasetStats": "stats",
     "LatentShardDataset": "reader",
     "check_normalization": "reader",
-    "load_manifest": "manifest",
     "make_loader": "reader",
     "sample_latent": "reader",
-    "to_model_batch": "reader",
     "verify_dataset": "reader",
 }
 

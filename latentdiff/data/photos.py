@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import skimage.data
 import torch
 
 __all__ = ["PHOTO_NAMES", "load_photo", "random_crops"]
@@ -34,8 +35,6 @@ PHOTO_NAMES = (
 @functools.lru_cache(maxsize=None)
 def load_photo(name: str) -> np.ndarray:
     """One bundled photo as an (H, W, 3) uint8 RGB array."""
-    import skimage.data
-
     if name not in PHOTO_NAMES:
         raise ValueError(f"unknown photo {name!r}; choose from {', '.join(PHOTO_NAMES)}")
     img = getattr(skimage.data, name)()

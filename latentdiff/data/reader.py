@@ -1,7 +1,7 @@
 """The training reader: a deterministic, rank- and worker-split webdataset pipeline over the shards.
 
-Splitting (trap T9)
--------------------
+Splitting
+---------
 There are ``R`` ranks and ``W`` DataLoader workers per rank (``W = max(1, num_workers)``), i.e.
 ``R * W`` *slots*; slot ``rank * W + w`` belongs to logical worker ``w`` of ``rank``.  Each epoch the
 shard list is permuted with ``Random(f"{seed}-{epoch}-shards")`` (the same on every rank; manifest
@@ -26,11 +26,12 @@ workers round-robin, so rank-level batch ``i`` comes from logical worker ``i % W
 
 Items are batches ``(mean, std, label, key)``: float32 (B, C, h, w) raw posterior mean and std,
 int64 labels (-1 = unknown), list of keys.  Draw a fresh latent per step with :func:`sample_latent` and
-map it to model space with :meth:`latentdiff.autoencoder.Normalization.to_model`.
+map it to model space with :meth:`latentdiff.vae.normalization.Normalization.to_model`.
 """
 from __future__ import annotations
 
 import io
+import json
 import random
 import warnings
 from itertools import islice
@@ -41,10 +42,12 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from latentdiff.utils.errors import DataError
-from latentdiff.data.manifest import load_manifest
-from latentdiff.data.shards import iter_tar, npy_load, sha256_file
+from latentdiff.contracts.manifest import MANIFEST_NAME, DatasetManifest, load_manifest
+from latentdiff.data.shards import iter_tar, npy_load
 from latentdiff.data.stats import DatasetStats
+from latentdiff.utils.dist import all_gather_object, get_rank, get_world_size
+from latentdiff.utils.errors import DataError
+from latentdiff.utils.io import sha256_file
 
 __all__ = [
     "LatentShardDataset",
@@ -52,7 +55,6 @@ __all__ = [
     "sample_latent",
     "verify_dataset",
     "check_normalization",
-    "to_model_batch",
 ]
 
 
@@ -63,14 +65,9 @@ def sample_latent(mean: torch.Tensor, std: torch.Tensor, generator: torch.Genera
     return mean + std * eps
 
 
-def to_model_batch(mean, std, normalization, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``normalization.to_model(sample_latent(mean, std, generator))``."""
-    return normalization.to_model(sample_latent(mean, std, generator))
-
-
 def check_normalization(stats: DatasetStats | dict, normalization, *, mean_tol: float = 0.1, std_tol: float = 0.2,
                         warn: bool = True) -> list[str]:
-    """Trap T2: are the normalized latents centred and at the target scale?
+    """Are the normalized latents centred and at the target scale?
 
     With ``t = normalization.target_std`` and the per-channel model-space mean ``m_c`` and std ``s_c``
     of the *sampled* latents (from the dataset statistics), a channel is flagged when
@@ -99,60 +96,52 @@ def check_normalization(stats: DatasetStats | dict, normalization, *, mean_tol: 
     return problems
 
 
-def verify_dataset(root: str | Path, manifest: dict | None = None, *, mode: str = "sha256",
+def _shard_problem(root: Path, s, mode: str) -> str | None:
+    """What is wrong with one shard file compared with its manifest entry (None when it agrees)."""
+    p = root / s.name
+    if not p.is_file():
+        return f"{s.name}: missing"
+    size = p.stat().st_size
+    if size != s.bytes:
+        return f"{s.name}: {size} bytes, manifest says {s.bytes} (truncated or replaced)"
+    if mode == "sha256" and sha256_file(p) != s.sha256:
+        return f"{s.name}: sha256 differs from the manifest (corrupt or replaced)"
+    return None
+
+
+def verify_dataset(root: str | Path, manifest: DatasetManifest | None = None, *, mode: str = "sha256",
                    rank: int | None = None, world_size: int | None = None) -> dict:
-    """Check the shards against the manifest before training (trap T10).
+    """Check the shards against the manifest before training.
 
     ``mode``: ``"sha256"`` (size + checksum), ``"size"`` (existence + byte size) or ``"none"``.
     Rank ``r`` checks shards ``i % world == r``; under torch.distributed the failures are gathered so
     every rank raises the same :class:`DataError`, which names each bad shard.  Also checks that
     ``stats.json`` describes these shards.
     """
-    from latentdiff.utils.dist import get_rank, get_world_size
-
     root = Path(root)
     manifest = manifest or load_manifest(root)
     if mode not in ("sha256", "size", "none"):
         raise ValueError(f"verify mode must be 'sha256', 'size' or 'none', got {mode!r}")
     rank = get_rank() if rank is None else rank
     world = get_world_size() if world_size is None else world_size
-    bad: list[str] = []
-    if mode != "none":
-        for i in range(rank, len(manifest["shards"]), world):
-            s = manifest["shards"][i]
-            p = root / s["name"]
-            if not p.is_file():
-                bad.append(f"{s['name']}: missing")
-                continue
-            size = p.stat().st_size
-            if size != int(s["bytes"]):
-                bad.append(f"{s['name']}: {size} bytes, manifest says {s['bytes']} (truncated or replaced)")
-                continue
-            if mode == "sha256" and sha256_file(p) != s["sha256"]:
-                bad.append(f"{s['name']}: sha256 differs from the manifest (corrupt or replaced)")
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        gathered: list = [None] * tdist.get_world_size()
-        tdist.all_gather_object(gathered, bad)
-        bad = sorted({b for g in gathered for b in g})
+    mine = manifest.shards[rank::world] if mode != "none" else []
+    bad = [p for p in (_shard_problem(root, s, mode) for s in mine) if p is not None]
+    bad = sorted({b for part in all_gather_object(bad) for b in part})
     if bad:
         raise DataError(
-            f"{len(bad)} shard(s) of {root} disagree with {root / 'dataset.json'}: " + "; ".join(bad[:10])
+            f"{len(bad)} shard(s) of {root} disagree with {root / MANIFEST_NAME}: " + "; ".join(bad[:10])
             + ". Restore the files or re-encode (delete the bad shards and their .stats.npz sidecars, "
             "then re-run the same tools/encode_latents.py command)"
         )
     stats_path = root / "stats.json"
     if stats_path.is_file():
-        import json
-
         sh = json.loads(stats_path.read_text()).get("shards_hash")
-        if sh != manifest.get("shards_hash"):
+        if sh != manifest.shards_hash:
             raise DataError(
-                f"{stats_path}: shards_hash {sh} does not match dataset.json ({manifest.get('shards_hash')}); "
+                f"{stats_path}: shards_hash {sh} does not match dataset.json ({manifest.shards_hash}); "
                 f"recompute the statistics with tools/dataset_stats.py {root} --write"
             )
-    return {"checked": len(manifest["shards"][rank::world]) if mode != "none" else 0, "mode": mode}
+    return {"checked": len(mine), "mode": mode}
 
 
 def _read_shards(src, counts: dict[str, int]):
@@ -199,7 +188,8 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
 
     ``rank``/``world_size`` default to torch.distributed (or RANK/WORLD_SIZE); ``num_workers`` must
     equal the DataLoader's.  ``verify`` checks the shards against the manifest at construction
-    (``"sha256"``, ``"size"`` or ``"none"``); ``normalization`` (optional) triggers the T2 check.
+    (``"sha256"``, ``"size"`` or ``"none"``); ``normalization`` (optional) is checked against the dataset
+    statistics (:func:`check_normalization`).
     """
 
     def __init__(
@@ -221,8 +211,6 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         std_tol: float = 0.2,
     ) -> None:
         super().__init__()
-        from latentdiff.utils.dist import get_rank, get_world_size
-
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
         self.rank = get_rank() if rank is None else int(rank)
@@ -234,14 +222,14 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.seed, self.shuffle, self.shuffle_buffer = int(seed), bool(shuffle), int(shuffle_buffer)
-        self.shards = [s["name"] for s in self.manifest["shards"]]
-        self.counts = {s["name"]: int(s["count"]) for s in self.manifest["shards"]}
+        self.shards = [s.name for s in self.manifest.shards]
+        self.counts = {s.name: s.count for s in self.manifest.shards}
         slots = self.world_size * self.workers_per_rank
         if len(self.shards) < slots:
             raise DataError(
                 f"{self.root} has {len(self.shards)} shards but {self.world_size} ranks x {self.workers_per_rank} "
                 f"workers = {slots} readers need at least one shard each; use fewer DataLoader workers or re-encode "
-                f"with a smaller --shard-size (e.g. {max(1, self.manifest['num_samples'] // (2 * slots))})"
+                f"with a smaller --shard-size (e.g. {max(1, self.manifest.num_samples // (2 * slots))})"
             )
         if verify != "none":
             verify_dataset(self.root, self.manifest, mode=verify, rank=self.rank, world_size=self.world_size)
@@ -297,10 +285,6 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:
         return self.batches_per_epoch(self.epoch) - self.start_batch
-
-    def samples_per_epoch(self, epoch: int | None = None) -> int:
-        """Samples used per epoch over all ranks."""
-        return self.batches_per_epoch(epoch) * self.batch_size * self.world_size
 
     # iteration ---------------------------------------------------------------------------------
     def _logical_worker(self) -> int:

@@ -7,7 +7,7 @@ first dot of the base name).  Tar headers are normalized (mtime 0, uid/gid 0, mo
 samples always give the same bytes and the same sha256.
 
 Shards are written to a temporary name in the same directory and renamed into place only when
-complete; the writer is always closed (trap T10).
+complete; the writer is always closed, also when writing fails.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from latentdiff.utils.errors import DataError
-from latentdiff.utils.io import sha256_file
+from latentdiff.utils.io import atomic_open
 
 __all__ = [
     "SHARD_PATTERN",
@@ -32,11 +32,8 @@ __all__ = [
     "npy_bytes",
     "npy_load",
     "write_shard",
-    "read_shard_bytes",
     "iter_tar",
-    "iter_tar_bytes",
     "read_shard_verified",
-    "sha256_file",
 ]
 
 SHARD_PATTERN = "shard-%06d.tar"
@@ -97,9 +94,7 @@ def write_shard(path: str | Path, samples: list[ShardSample]) -> dict:
     """Write ``samples`` to ``path`` atomically (temp file + rename).  Returns {count, sha256, bytes}."""
     if not samples:
         raise ValueError(f"refusing to write an empty shard {path} (no empty shards)")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         hw = _HashingWriter(f)
         with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
             for s in samples:
@@ -108,17 +103,7 @@ def write_shard(path: str | Path, samples: list[ShardSample]) -> dict:
                 if s.label is not None and s.label >= 0:
                     _add(tf, f"{s.key}.cls", str(int(s.label)).encode())
                 _add(tf, f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return {"count": len(samples), "sha256": hw.h.hexdigest(), "bytes": hw.n}
-
-
-def read_shard_bytes(path: str | Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exn:
-        raise DataError(f"shard {path} cannot be read: {exn}; re-run the encoder to recreate it") from exn
 
 
 class _HashingReader(io.RawIOBase):
@@ -163,10 +148,6 @@ def iter_tar(fileobj, name: str) -> Iterator[dict]:
         raise DataError(f"shard {name} is truncated or corrupt ({type(exn).__name__}: {exn}); re-encode it") from exn
     if current is not None:
         yield current
-
-
-def iter_tar_bytes(data: bytes, name: str) -> Iterator[dict]:
-    return iter_tar(io.BytesIO(data), name)
 
 
 def read_shard_verified(path: str | Path, name: str | None = None, keep: tuple[str, ...] | None = None):

@@ -22,20 +22,18 @@ posterior mean, ``s`` the posterior std, ``z = m + s * eps`` a sampled latent, `
                                    reference of the paper.  Flipped samples are included.
     ``rgb64_n`` (int64)            images in ``rgb64_power`` (= N)
     ``dist_n``, ``dist_mean`` (C, h*w), ``dist_sum_a`` (C,), ``dist_sum_aa`` (C, C)
-                                   :class:`~latentdiff.noise.DistanceStats` state on the posterior
+                                   :class:`~latentdiff.diffusion.distances.DistanceStats` state on the posterior
                                    means (raw space): ``DatasetStats.distance_stats().moments(scale)``
                                    gives exact (mu_d, sigma_d) for any per-channel scale.
 
 ``stats.json`` repeats the per-channel vectors (``mean``, ``std``, ``std_mean_only``,
 ``latent_var_mean``), ``n``, ``shards_hash`` (sha256 of the manifest's shard list: name, count,
 sha256), ``sample_shape`` and the raw-space ``distance`` moments, and lists the npz fields.
+:func:`latentdiff.data.recompute.recompute_stats` recomputes all of it from the shards.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latentdiff.utils.io import atomic_write_bytes, atomic_write_json
+from latentdiff.utils.io import atomic_write_bytes, atomic_write_json, read_json
 from latentdiff.utils.errors import DataError
 from latentdiff.diffusion.distances import DistanceStats
 from latentdiff.diffusion.spectral import SpectrumAccumulator, power_spectrum
@@ -51,6 +49,7 @@ from latentdiff.diffusion.spectral import SpectrumAccumulator, power_spectrum
 __all__ = [
     "STATS_FORMAT_VERSION",
     "RGB_REF_SIZE",
+    "resize_to_reference",
     "rgb64_image",
     "rgb64_power",
     "ShardPartial",
@@ -59,21 +58,23 @@ __all__ = [
     "DatasetStats",
     "finalize_stats",
     "point_mean",
-    "shards_hash",
-    "relative_difference",
-    "recompute_stats",
 ]
 
 STATS_FORMAT_VERSION = 1
 RGB_REF_SIZE = 64
 
 
+def resize_to_reference(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) float64 images -> (N, 3, 64, 64): bicubic antialiased resize, identity at 64."""
+    if x.shape[-1] == RGB_REF_SIZE and x.shape[-2] == RGB_REF_SIZE:
+        return x
+    return F.interpolate(x, size=(RGB_REF_SIZE, RGB_REF_SIZE), mode="bicubic", antialias=True, align_corners=False)
+
+
 def rgb64_image(img_u8: np.ndarray) -> torch.Tensor:
     """(R, R, 3) uint8 -> (3, 64, 64) float64 in [-1, 1] (bicubic antialiased resize; identity at 64)."""
     x = torch.from_numpy(np.array(img_u8, dtype=np.uint8, copy=True)).permute(2, 0, 1).to(torch.float64) / 127.5 - 1.0
-    if x.shape[-1] == RGB_REF_SIZE and x.shape[-2] == RGB_REF_SIZE:
-        return x
-    return F.interpolate(x[None], size=(RGB_REF_SIZE, RGB_REF_SIZE), mode="bicubic", antialias=True, align_corners=False)[0]
+    return resize_to_reference(x[None])[0]
 
 
 def rgb64_power(img_u8: np.ndarray) -> torch.Tensor:
@@ -149,13 +150,6 @@ def distance_partial(means: np.ndarray, point_mean: torch.Tensor, channel_mean: 
         st.update_distances(m)
         css += (m - channel_mean.view(1, -1, 1, 1)).square().sum(dim=(0, 2, 3))
     return torch.cat([st.sum_a, st.sum_aa.flatten(), css, torch.tensor([float(means.shape[0])], dtype=torch.float64)])
-
-
-def shards_hash(shards: list[dict]) -> str:
-    h = hashlib.sha256()
-    for s in shards:
-        h.update(f"{s['name']}\t{int(s['count'])}\t{s['sha256']}\n".encode())
-    return h.hexdigest()
 
 
 @dataclass
@@ -243,7 +237,7 @@ class DatasetStats:
         for p in (jpath, npath):
             if not p.is_file():
                 raise DataError(f"{p} is missing; run tools/dataset_stats.py {root} --write (or re-run the encoder)")
-        meta = json.loads(jpath.read_text())
+        meta = read_json(jpath, DataError, missing="", invalid=f"; recompute with tools/dataset_stats.py {root} --write")
         with np.load(npath, allow_pickle=False) as z:
             missing = [k for k in cls.NPZ_FIELDS if k not in z.files]
             if missing:
@@ -327,90 +321,3 @@ def point_mean(partials: list[ShardPartial], sample_shape) -> tuple[torch.Tensor
     for p in partials:
         sum_mean += p.sum_mean
     return sum_mean.reshape(c, h * w) / n, sum_mean.sum(dim=(1, 2)) / (n * h * w)
-
-
-def relative_difference(a: DatasetStats, b: DatasetStats) -> dict[str, float]:
-    """max |a-b| / max(|a|, tiny) per field (for tools/dataset_stats.py)."""
-    out = {}
-    for k in ("channel_mean", "channel_std", "channel_std_mean_only", "latent_var_mean", "latent_power",
-              "rgb64_power", "dist_mean", "dist_sum_a", "dist_sum_aa"):
-        x, y = getattr(a, k), getattr(b, k)
-        if x is None or y is None:
-            out[k] = 0.0 if x is None and y is None else math.inf
-            continue
-        if x.shape != y.shape:
-            out[k] = math.inf
-            continue
-        scale = max(float(x.abs().max()), float(y.abs().max()), 1e-300)
-        out[k] = float((x - y).abs().max()) / scale
-    out["n"] = 0.0 if a.n == b.n else math.inf
-    return out
-
-
-def recompute_stats(root: str | Path, *, progress: bool = False) -> tuple[DatasetStats, list[str]]:
-    """Recompute the statistics from the shards of ``root`` (what ``tools/dataset_stats.py`` runs).
-
-    Every shard is checked against the manifest sha256 (a mismatch raises :class:`DataError` naming
-    it).  The RGB spectrum cannot be recomputed from latents: it is merged from the per-shard sidecars
-    (``shard-%06d.stats.npz``); without them it is taken from the existing ``stats.npz`` (noted), or,
-    in pixel space, recomputed from the stored float16 pixels (noted: differs by float16 rounding).
-    Returns the statistics and a list of notes.
-    """
-    from latentdiff.data.manifest import load_manifest
-    from latentdiff.data.shards import npy_load, read_shard_verified
-
-    root = Path(root)
-    manifest = load_manifest(root)
-    shape = tuple(int(v) for v in manifest["sample_shape"])
-    notes: list[str] = []
-    pixel = manifest["vae"] == "none"
-    it = manifest["shards"]
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="stats pass 1", unit="shard")
-    partials: list[ShardPartial] = []
-    sidecar_rgb = True
-    for s in it:
-        samples, digest, _ = read_shard_verified(root / s["name"], keep=("mean.npy", "std.npy"))
-        if digest != s["sha256"]:
-            raise DataError(f"shard {root / s['name']}: sha256 differs from dataset.json (corrupt or replaced); re-encode it")
-        if len(samples) != int(s["count"]):
-            raise DataError(f"shard {root / s['name']}: {len(samples)} samples, dataset.json says {s['count']}")
-        means = np.stack([npy_load(x["mean.npy"]) for x in samples])
-        stds = np.stack([npy_load(x["std.npy"]) for x in samples])
-        sc = root / s["name"].replace(".tar", ".stats.npz")
-        rgb_sum, rgb_n = None, 0
-        if sc.is_file():
-            with np.load(sc, allow_pickle=False) as z:
-                if "rgb64_sum" in z.files:
-                    rgb_sum, rgb_n = torch.from_numpy(np.array(z["rgb64_sum"], dtype=np.float64)), int(z["rgb64_n"])
-        if rgb_sum is None:
-            sidecar_rgb = False
-            if pixel:
-                rgb_sum = torch.zeros(3, RGB_REF_SIZE, RGB_REF_SIZE, dtype=torch.float64)
-                for x in means:
-                    img = torch.from_numpy(x.astype(np.float64))[None]
-                    if img.shape[-1] != RGB_REF_SIZE or img.shape[-2] != RGB_REF_SIZE:
-                        img = F.interpolate(img, size=(RGB_REF_SIZE, RGB_REF_SIZE), mode="bicubic", antialias=True, align_corners=False)
-                    rgb_sum += power_spectrum(img)
-                rgb_n = len(means)
-        partials.append(shard_partial(means, stds, rgb_sum, rgb_n))
-    if not sidecar_rgb:
-        notes.append("rgb64_power: some shard sidecars are missing; " + (
-            "recomputed from the float16 pixels in the shards" if pixel else "kept from the existing stats.npz"))
-    pmean, cmean = point_mean(partials, shape)
-    pass2 = []
-    it2 = manifest["shards"]
-    if progress:
-        from tqdm.auto import tqdm
-
-        it2 = tqdm(it2, desc="stats pass 2", unit="shard")
-    for s in it2:
-        samples, _, _ = read_shard_verified(root / s["name"], keep=("mean.npy",))
-        pass2.append(distance_partial(np.stack([npy_load(x["mean.npy"]) for x in samples]), pmean, cmean))
-    stats = finalize_stats(partials, pass2, shards_hash(manifest["shards"]), shape)
-    if stats.rgb64_power is None and not pixel and (root / "stats.npz").is_file():
-        old = DatasetStats.load(root)
-        stats.rgb64_power, stats.rgb64_n = old.rgb64_power, old.rgb64_n
-    return stats, notes

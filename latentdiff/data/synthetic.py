@@ -5,9 +5,13 @@ crops of the photographs bundled with scikit-image (:mod:`latentdiff.data.photos
 """
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 from latentdiff.data.photos import PHOTO_NAMES, load_photo
 
@@ -28,8 +32,7 @@ TINY_VAE_CONFIG = dict(
 
 def make_tiny_vae(path: str | Path, seed: int = 0, **overrides) -> Path:
     """Save a randomly initialized ``AutoencoderKL`` (0.66M params, downsampling 2) to ``path``."""
-    import torch
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # heavy (seconds to import); only the VAE fixture needs it
 
     cfg = {**TINY_VAE_CONFIG, **overrides}
     g = torch.random.get_rng_state()
@@ -60,8 +63,6 @@ def write_image_folder(
     formats: tuple[str, ...] = ("png", "jpg"),
 ) -> list[Path]:
     """ImageNet-style ``root/<photo name>/<i>.<fmt>`` crops of random size; returns the written paths."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     root = Path(root)
     paths = []
@@ -84,11 +85,6 @@ def write_image_folder(
 
 def write_image_tar(path: str | Path, n: int = 6, size: int = 64, seed: int = 0, with_cls: bool = True) -> Path:
     """A webdataset-style tar of ``n`` PNG crops (``%06d.png`` + ``%06d.cls`` = i % 3)."""
-    import io
-    import tarfile
-
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     path = Path(path)
     with tarfile.open(path, "w") as tf:

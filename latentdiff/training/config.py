@@ -1,12 +1,14 @@
-"""``TrainConfig``: every training knob, loaded from YAML (or a named preset) plus CLI overrides,
-validated before any process group starts.
+"""``TrainConfig``: every training knob, loaded by :mod:`latentdiff.utils.config` from YAML (or a named
+preset) plus CLI overrides, validated before any process group starts.
 
 Every field is also a command-line flag (``--lr 2e-4``, ``--ema-rates "[0.9996, 0.9999]"``; list and
-dict values are parsed as YAML).  Presets ship as package data in ``latentdiff/configs/*.yaml`` and are
-named by ``--config NAME`` (e.g. ``tiny-cpu``); ``--config path.yaml`` loads a file.
+dict values are parsed as YAML) whose ``--help`` text is the field's ``help`` metadata.  Presets ship as
+package data in ``latentdiff/configs/*.yaml`` and are named by ``--config NAME`` (e.g. ``tiny-cpu``);
+``--config path.yaml`` loads a file.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -14,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from latentdiff.models import MODEL_NAMES
+from latentdiff.solvers.registry import DEFAULT_SAMPLER, SAMPLERS
 from latentdiff.utils.errors import ConfigError
 
 __all__ = ["TrainConfig", "RESUME_SAFE_FIELDS", "config_diff"]
@@ -22,88 +26,109 @@ NORMALIZATIONS = ("sd", "channel")
 NOISES = ("wsnr", "edm", "vp", "ve")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESUME_MODES = ("auto", "never", "must")
+VERIFY_MODES = ("sha256", "size", "none")
+
+
+def _opt(default, help: str):
+    """A config field with its ``--help`` text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     # common names users try, and the field each stands for (suggested in the unknown-field error)
     ALIASES: ClassVar[dict] = {"learning_rate": "lr", "batch_size": "micro_batch", "micro_batch_size": "micro_batch",
-               "gradient_accumulation_steps": "grad_accum", "ema_decay": "ema_rates", "ema_rate": "ema_rates",
-               "steps": "max_steps", "total_images": "duration_images", "warmup": "warmup_images",
-               "output_dir": "run_dir", "data": "dataset"}
+                               "gradient_accumulation_steps": "grad_accum", "ema_decay": "ema_rates",
+                               "ema_rate": "ema_rates", "steps": "max_steps", "total_images": "duration_images",
+                               "warmup": "warmup_images", "output_dir": "run_dir", "data": "dataset"}
 
     # where -----------------------------------------------------------------------------------
-    run_dir: str = "runs/run"  # checkpoints/, export/, tb/, samples/ and config.json go here
-    dataset: str = ""  # an encoded dataset (tools/encode_latents.py output)
+    run_dir: str = _opt("runs/run", "run directory: checkpoints/, export/, tb/, samples/ and config.json go here")
+    dataset: str = _opt("", "an encoded dataset directory (the --output of tools/encode_latents.py)")
     # model -----------------------------------------------------------------------------------
-    model: str = "uvit-s"  # registry name (latentdiff.models.build)
-    model_overrides: dict = field(default_factory=dict)  # e.g. {grad_checkpointing: true}
-    conditional: bool = True  # class-conditional when the dataset has labels
-    label_dropout: float = 0.1  # p of replacing a label by the null class (classifier-free guidance)
+    model: str = _opt("uvit-s", f"backbone preset: {', '.join(MODEL_NAMES)}")
+    model_overrides: dict = _opt({}, "fields of the model preset to replace, e.g. {grad_checkpointing: true}")
+    conditional: bool = _opt(True, "class-conditional when the dataset has labels")
+    label_dropout: float = _opt(0.1, "probability of replacing a label by the null class (classifier-free guidance)")
     # data space and noise ----------------------------------------------------------------------
-    normalization: str = "channel"  # sd: SD scaling_factor | channel: (z - mean_c) / std_c * sigma_target
-    sigma_target: float = 0.5  # target std per channel for normalization=channel
-    sigma_data: float = 0.0  # 0 = RMS of the model-space latents from stats.json
-    noise: str = "wsnr"  # wsnr (EDM log-normal aligned by WSNR) | edm | vp | ve
-    p_mean: float = -1.2  # EDM log-normal P_mean (on the WSNR reference for noise=wsnr)
-    p_std: float = 1.2
-    wsnr_reference: str = ""  # "" = this dataset's 64x64 RGB spectrum; or another encoded dataset dir
-    wsnr_include_dc: bool = True  # Eq. 2 as written (DC included); False = the DC-free variant
-    sigma_min: float = 0.002
-    sigma_max_alpha: float = 2.0  # data-driven sigma_max = sqrt(mu_d + alpha sigma_d) (wsnr.txt Eq. 7-8)
+    normalization: str = _opt("channel", "raw latent -> model space: sd (the VAE's scaling_factor) | channel "
+                                         "((z - mean_c) / std_c * sigma_target from stats.json)")
+    sigma_target: float = _opt(0.5, "target std per channel for normalization=channel")
+    sigma_data: float = _opt(0.0, "EDM sigma_data; 0 = the RMS of the model-space latents from stats.json")
+    noise: str = _opt("wsnr", "training sigma distribution: wsnr (EDM log-normal aligned by WSNR) | edm | vp | ve")
+    p_mean: float = _opt(-1.2, "EDM log-normal P_mean (on the WSNR reference spectrum for noise=wsnr)")
+    p_std: float = _opt(1.2, "EDM log-normal P_std")
+    wsnr_reference: str = _opt("", "WSNR reference: '' = this dataset's 64x64 RGB spectrum, or another encoded dataset")
+    wsnr_include_dc: bool = _opt(True, "WSNR with the zero frequency (wsnr.txt Eq. 2 as written); false = DC-free")
+    sigma_min: float = _opt(0.002, "smallest sigma of the sampling grid (edm.txt Eq. 5)")
+    sigma_max_alpha: float = _opt(2.0, "data-driven sigma_max = sqrt(mu_d + alpha sigma_d) (wsnr.txt Eq. 7-8)")
     # optimization ----------------------------------------------------------------------------
-    precision: str = "auto"  # auto = as the DeepSpeed config says | fp32 | bf16 | fp16
-    lr: float = 1e-4
-    warmup_images: int = 0  # linear LR warmup length in images
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # 0 disables
-    micro_batch: int = 32  # per rank per micro-step
-    grad_accum: int = 1
-    global_batch: int = 0  # 0 = micro_batch * grad_accum * world_size; otherwise checked against it
-    duration_images: int = 1_000_000  # training length in images
-    max_steps: int = 0  # stop this invocation after this many optimizer steps in total (0 = duration)
-    ema_rates: list = field(default_factory=lambda: [0.9999])
+    precision: str = _opt("auto", "auto (as the DeepSpeed config says) | fp32 | bf16 | fp16")
+    lr: float = _opt(1e-4, "AdamW learning rate")
+    warmup_images: int = _opt(0, "linear learning-rate warmup length in images (0 = none)")
+    betas: list = _opt([0.9, 0.999], "AdamW betas")
+    eps: float = _opt(1e-8, "AdamW epsilon")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    grad_clip: float = _opt(1.0, "gradient norm clipping (0 disables)")
+    micro_batch: int = _opt(32, "samples per rank per micro-step")
+    grad_accum: int = _opt(1, "micro-steps accumulated per optimizer step")
+    global_batch: int = _opt(0, "samples per optimizer step; 0 = micro_batch x grad_accum x world size, "
+                                "otherwise checked against it")
+    duration_images: int = _opt(1_000_000, "training length in images")
+    max_steps: int = _opt(0, "stop this invocation after this many optimizer steps in total (0 = the full "
+                             "duration; no export is written when it stops early)")
+    ema_rates: list = _opt([0.9999], "EMA decays per optimizer step, e.g. [0.999, 0.9999]")
     # bookkeeping -----------------------------------------------------------------------------
-    checkpoint_every: int = 1000  # optimizer steps
-    keep_last: int = 3  # checkpoints kept (most recent)
-    keep_every: int = 0  # plus every checkpoint whose step is a multiple of this (0 = none)
-    log_every: int = 50
-    sample_every: int = 0  # tensorboard sample grid every K steps (0 = off)
-    sample_count: int = 16
-    sample_nfe: int = 35
-    heldout_batch: int = 16  # fixed held-out batch for the EMA-vs-raw loss (0 = off)
-    seed: int = 0
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    verify_shards: str = "size"  # sha256 | size | none (checked against dataset.json at start)
-    resume: str = "auto"  # auto: resume from the latest checkpoint if any | never | must
-    force_resume: bool = False  # resume even though fields that matter changed (the diff is logged)
-    comm_timeout_minutes: float = 30.0
-    fp16_max_min_scale_steps: int = 20  # stop after this many consecutive skipped steps at the minimum scale
+    checkpoint_every: int = _opt(1000, "optimizer steps between checkpoints")
+    keep_last: int = _opt(3, "most recent checkpoints kept")
+    keep_every: int = _opt(0, "also keep every checkpoint whose step is a multiple of this (0 = none)")
+    log_every: int = _opt(50, "optimizer steps between tensorboard scalars")
+    sample_every: int = _opt(0, "tensorboard sample grid every K optimizer steps (0 = off)")
+    sample_count: int = _opt(16, "images in the tensorboard sample grid")
+    sample_nfe: int = _opt(35, "denoiser evaluations per sample-grid image")
+    sample_solver: str = _opt(DEFAULT_SAMPLER, f"sampler of the sample grid: {', '.join(SAMPLERS)}")
+    heldout_batch: int = _opt(16, "size of the fixed batch of the EMA-vs-raw loss curve (0 = off)")
+    seed: int = _opt(0, "seed of the initial weights, the data order and every random draw")
+    num_workers: int = _opt(2, "DataLoader worker processes per rank")
+    shuffle_buffer: int = _opt(1000, "samples in each reader's shuffle buffer")
+    verify_shards: str = _opt("size", "check the shards against dataset.json at start: sha256 | size | none")
+    resume: str = _opt("auto", "auto (from the latest checkpoint, if any) | never | must")
+    force_resume: bool = _opt(False, "resume although fields that matter changed (the difference is logged)")
+    comm_timeout_minutes: float = _opt(30.0, "timeout of the collectives, in minutes")
+    fp16_max_min_scale_steps: int = _opt(20, "stop after this many consecutive skipped steps at the minimum "
+                                             "fp16 loss scale")
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def validate(self, world_size: int = 1) -> "TrainConfig":
-        """Check every value; raise ConfigError naming the field and the fix."""
+        """Check every value; raise ConfigError naming each bad field and its fix."""
+        e = self._check_paths_and_choices() + self._check_numbers() + self._check_batch(world_size)
+        if e:
+            raise ConfigError("invalid training config:\n  - " + "\n  - ".join(e))
+        return self
+
+    def _check_paths_and_choices(self) -> list[str]:
         e = []
         if not self.dataset:
             e.append("dataset: required; point it at an encoded dataset (tools/encode_latents.py --output DIR)")
         elif not (Path(self.dataset) / "dataset.json").is_file():
             e.append(f"dataset: {self.dataset}/dataset.json not found; encode first with tools/encode_latents.py")
-        if self.normalization not in NORMALIZATIONS:
-            e.append(f"normalization: {self.normalization!r} is not one of {NORMALIZATIONS}")
-        if self.noise not in NOISES:
-            e.append(f"noise: {self.noise!r} is not one of {NOISES}")
-        if self.precision not in PRECISIONS:
-            e.append(f"precision: {self.precision!r} is not one of {PRECISIONS}")
-        if self.resume not in RESUME_MODES:
-            e.append(f"resume: {self.resume!r} is not one of {RESUME_MODES}")
-        if self.verify_shards not in ("sha256", "size", "none"):
-            e.append(f"verify_shards: {self.verify_shards!r} is not one of sha256/size/none")
+        for name, choices in (("normalization", NORMALIZATIONS), ("noise", NOISES), ("precision", PRECISIONS),
+                              ("resume", RESUME_MODES), ("verify_shards", VERIFY_MODES), ("sample_solver", SAMPLERS)):
+            if getattr(self, name) not in choices:
+                e.append(f"{name}: {getattr(self, name)!r} is not one of {choices}")
+        if not isinstance(self.model_overrides, dict):
+            e.append(f"model_overrides: {self.model_overrides!r} must be a mapping")
+        elif self.model not in MODEL_NAMES:
+            e.append(f"model: {self.model!r} is not one of {', '.join(MODEL_NAMES)}")
+        return e
+
+    def _check_numbers(self) -> list[str]:
+        e = []
         if not 0 <= self.label_dropout < 1:
             e.append(f"label_dropout: {self.label_dropout} must be in [0, 1)")
         for name in ("sigma_target", "p_std", "sigma_min", "lr"):
@@ -118,39 +143,37 @@ class TrainConfig:
             e.append(f"betas: {self.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
         if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
             e.append("eps must be > 0, weight_decay >= 0, grad_clip >= 0")
-        for name in ("micro_batch", "grad_accum", "duration_images"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
-                e.append(f"{name}: {v!r} must be a positive integer")
-        for name in ("warmup_images", "max_steps", "global_batch", "keep_every", "sample_every", "heldout_batch", "num_workers"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 0):
-                e.append(f"{name}: {v!r} must be an integer >= 0")
-        for name in ("checkpoint_every", "keep_last", "log_every", "sample_count", "sample_nfe", "fp16_max_min_scale_steps"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
-                e.append(f"{name}: {v!r} must be an integer >= 1")
+        for names, lo in ((("micro_batch", "grad_accum", "duration_images"), 1),
+                          (("warmup_images", "max_steps", "global_batch", "keep_every", "sample_every",
+                            "heldout_batch", "num_workers"), 0),
+                          (("checkpoint_every", "keep_last", "log_every", "sample_count", "sample_nfe",
+                            "fp16_max_min_scale_steps"), 1)):
+            for name in names:
+                v = getattr(self, name)
+                if not (isinstance(v, int) and v >= lo):
+                    what = "a positive integer" if name in ("micro_batch", "grad_accum", "duration_images") else f"an integer >= {lo}"
+                    e.append(f"{name}: {v!r} must be {what}")
         if not (isinstance(self.ema_rates, (list, tuple)) and self.ema_rates and all(0 <= r < 1 for r in self.ema_rates)):
             e.append(f"ema_rates: {self.ema_rates!r} must be a non-empty list of decays in [0, 1), e.g. [0.9999]")
-        if not isinstance(self.model_overrides, dict):
-            e.append(f"model_overrides: {self.model_overrides!r} must be a mapping")
-        else:
-            from latentdiff.models import MODEL_NAMES
+        return e
 
-            if self.model not in MODEL_NAMES:
-                e.append(f"model: {self.model!r} is not one of {', '.join(MODEL_NAMES)}")
-        if all(isinstance(getattr(self, n), int) and getattr(self, n) >= 1 for n in ("micro_batch", "grad_accum")):
-            implied = self.micro_batch * self.grad_accum * world_size
-            if self.global_batch and self.global_batch != implied:
-                e.append(
-                    f"global_batch: {self.global_batch} != micro_batch {self.micro_batch} x grad_accum "
-                    f"{self.grad_accum} x world size {world_size} = {implied}; set grad_accum = "
-                    f"{self.global_batch / (self.micro_batch * world_size):g} or global_batch = {implied} "
-                    "(or 0 to derive it)"
-                )
-        if e:
-            raise ConfigError("invalid training config:\n  - " + "\n  - ".join(e))
-        return self
+    def _check_batch(self, world_size: int) -> list[str]:
+        """global = micro_batch x grad_accum x world size; a mismatch names the grad_accum that fits, if any."""
+        if not all(isinstance(getattr(self, n), int) and getattr(self, n) >= 1 for n in ("micro_batch", "grad_accum")):
+            return []
+        implied = self.micro_batch * self.grad_accum * world_size
+        if not self.global_batch or self.global_batch == implied:
+            return []
+        unit = self.micro_batch * world_size
+        head = (f"global_batch: {self.global_batch} != micro_batch {self.micro_batch} x grad_accum {self.grad_accum} "
+                f"x world size {world_size} = {implied}; ")
+        if self.global_batch % unit == 0:
+            return [head + f"set grad_accum = {self.global_batch // unit} or global_batch = {implied} (or 0 to derive it)"]
+        below, above = (self.global_batch // unit) * unit, (self.global_batch // unit + 1) * unit
+        near = ", ".join(f"{g} (grad_accum {g // unit})" for g in (below, above) if g > 0)
+        return [head + f"no integer grad_accum fits: global_batch must be a multiple of micro_batch {self.micro_batch} "
+                f"x world size {world_size} = {unit}; the nearest valid global batches are {near} "
+                "(or change micro_batch, or set global_batch 0 to derive it)"]
 
     def resolved_global_batch(self, world_size: int) -> int:
         return self.micro_batch * self.grad_accum * world_size
@@ -163,7 +186,7 @@ class TrainConfig:
 RESUME_SAFE_FIELDS = frozenset(
     {
         "run_dir", "duration_images", "max_steps", "checkpoint_every", "keep_last", "keep_every", "log_every",
-        "sample_every", "sample_count", "sample_nfe", "heldout_batch", "resume", "force_resume",
+        "sample_every", "sample_count", "sample_nfe", "sample_solver", "heldout_batch", "resume", "force_resume",
         "comm_timeout_minutes", "verify_shards", "fp16_max_min_scale_steps", "dataset",
     }
 )

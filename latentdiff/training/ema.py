@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from latentdiff.utils.dist import is_distributed
 from latentdiff.utils.errors import TrainError
 
 __all__ = ["EMA", "consolidate", "is_zero3_param"]
@@ -79,8 +81,6 @@ class EMA:
         path = self._file(Path(directory), rank)
         if not path.is_file():
             raise TrainError(f"{path} is missing: the checkpoint has no EMA for this rank (incomplete checkpoint?)")
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if self.zero3 and json.loads(meta.get("world_size", "0")) != world_size:
@@ -106,7 +106,7 @@ class EMA:
         ``dst=None`` returns them on every rank, otherwise only on rank ``dst`` (None elsewhere)."""
         sh = self.shadow[float(rate)]
         if not self.zero3:
-            if dst is not None and dist.is_initialized() and dist.get_rank() != dst:
+            if dst is not None and is_distributed() and dist.get_rank() != dst:
                 return None
             return {n: t.clone() for n, t in zip(self.names, sh)}
         world = dist.get_world_size()
@@ -124,8 +124,6 @@ def consolidate(directory: str | Path) -> dict[float, dict[str, torch.Tensor]]:
     """Full fp32 EMA weights per rate from a checkpoint directory, without a process group."""
     directory = Path(directory)
     single = directory / "ema.safetensors"
-    from safetensors import safe_open
-
     if single.is_file():
         files = [single]
     else:

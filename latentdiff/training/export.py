@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from latentdiff.contracts.export import ExportMeta
 from latentdiff.contracts.schedule import TrainingSchedule
 from latentdiff.models import from_config
-from latentdiff.training.checkpoint import STATE_FILE, load_trainer_state
+from latentdiff.training.state import STATE_FILE, TrainerState, load_trainer_state
 from latentdiff.training.ema import consolidate
 from latentdiff.utils.errors import ExportError
 from latentdiff.utils.io import atomic_dir
@@ -58,15 +58,15 @@ def _checked_weights(ckpt: Path, model_config: dict):
     return raw, {k: v for k, v in net.state_dict().items() if k not in raw}
 
 
-def _metadata(state: dict, ckpt: Path, weights: dict) -> ExportMeta:
+def _metadata(state: TrainerState, ckpt: Path, weights: dict) -> ExportMeta:
     """model.json of a checkpoint's trainer state (``trainer_state.json``)."""
-    dataset = {k: v for k, v in state["dataset"].items() if k != "vae"}  # the VAE is recorded once, as ``vae``
-    precond = {k: v for k, v in state["precond"].items() if k != "sigma_data"}  # the schedule's sigma_data
+    dataset = {k: v for k, v in state.dataset.items() if k != "vae"}  # the VAE is recorded once, as ``vae``
+    precond = {k: v for k, v in state.precond.items() if k != "sigma_data"}  # the schedule's sigma_data
     return ExportMeta(
-        model=state["model_config"], precond=precond,
-        schedule=TrainingSchedule.from_dict(state["schedule"], f"{ckpt / STATE_FILE} schedule"),
-        vae=state["dataset"]["vae"], weights=weights, dataset=dataset, step=state["step"],
-        images_seen=state["images_seen"], train_config=state["config"], checkpoint=str(ckpt),
+        model=state.model_config, precond=precond,
+        schedule=TrainingSchedule.from_dict(state.schedule, f"{ckpt / STATE_FILE} schedule"),
+        vae=state.dataset["vae"], weights=weights, dataset=dataset, step=state.step,
+        images_seen=state.images_seen, train_config=state.config, checkpoint=str(ckpt),
     )
 
 
@@ -74,7 +74,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     """Write an export of checkpoint directory ``ckpt`` to ``out`` (replaced atomically); returns ``out``."""
     ckpt, out = Path(ckpt), Path(out)
     state = load_trainer_state(ckpt)
-    raw, buffers = _checked_weights(ckpt, state["model_config"])
+    raw, buffers = _checked_weights(ckpt, state.model_config)
     emas = consolidate(ckpt)
     with atomic_dir(out) as tmp:
         save_file(raw, str(tmp / "raw.safetensors"))

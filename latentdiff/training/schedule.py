@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from latentdiff.contracts.manifest import load_manifest
 from latentdiff.contracts.schedule import SCHEDULE_VERSION, SigmaMaxRule, TrainingSchedule, WSNRAlignment
-from latentdiff.data.manifest import load_manifest
 from latentdiff.data.stats import DatasetStats
 from latentdiff.diffusion.noise import LogNormalSigma, VESigma, VPSigma, wsnr_aligned
 from latentdiff.diffusion.spectral import affine_power_spectrum, wsnr_constant
@@ -31,7 +31,7 @@ __all__ = ["resolve_schedule", "model_space_power", "make_normalization", "SCHED
 
 def make_normalization(kind: str, manifest: dict, stats: DatasetStats, sigma_target: float) -> Normalization:
     if kind == "sd":
-        return Normalization.sd(manifest["vae"], channels=stats.sample_shape[0])
+        return Normalization.sd(manifest.vae, channels=stats.sample_shape[0])
     if kind == "channel":
         return Normalization.channel(stats, sigma_target)
     raise ConfigError(f"normalization: {kind!r} is not one of sd/channel")

@@ -1,6 +1,6 @@
 """Training metrics: per-step accumulators reduced across ranks, written to tensorboard by rank 0 only.
 
-The logged loss is the all-reduced mean over ranks and micro-batches (trap T24); the loss per noise
+The logged loss is the all-reduced mean over ranks and micro-batches; the loss per noise
 level uses ``NUM_BINS`` log-spaced sigma bins between 0.002 and 80 (values outside go to the end bins).
 The writer opens ``RUN/tb`` with ``purge_step`` = the resumed step, so events written after the last
 checkpoint by a killed run are dropped and the curves continue seamlessly.
@@ -11,8 +11,12 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["SIGMA_BIN_EDGES", "NUM_BINS", "StepMetrics", "TBWriter"]
+from latentdiff.utils.dist import is_distributed
+
+__all__ = ["SIGMA_BIN_EDGES", "NUM_BINS", "StepMetrics", "TBWriter", "reduce_metrics", "write_step_scalars"]
 
 NUM_BINS = 8
 SIGMA_BIN_EDGES = torch.logspace(math.log10(0.002), math.log10(80.0), NUM_BINS + 1, dtype=torch.float64)
@@ -67,8 +71,6 @@ class TBWriter:
         self.enabled = enabled
         self.writer = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def scalar(self, tag: str, value, step: int) -> None:
@@ -94,3 +96,31 @@ class TBWriter:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def reduce_metrics(metrics: StepMetrics, device, world: int) -> tuple[dict, torch.Tensor]:
+    """The window's metrics summed over ranks (a collective) and every rank's sigmas (for the histogram).
+
+    Every rank holds the same number of sigmas (same micro-batch size and steps), so they all-gather.
+    """
+    buf = metrics.packed().to(device)
+    if is_distributed() and world > 1:
+        dist.all_reduce(buf)
+    m = StepMetrics.unpack(buf.cpu())
+    sig = torch.cat(metrics.sigmas) if metrics.sigmas else torch.empty(0)
+    if world > 1:
+        parts = [torch.empty_like(sig) for _ in range(world)]
+        dist.all_gather(parts, sig.to(device) if device.type != "cpu" else sig)
+        sig = torch.cat([p.cpu() for p in parts])
+    return m, sig
+
+
+def write_step_scalars(tb: TBWriter, step: int, m: dict, sigmas: torch.Tensor, scalars: dict) -> None:
+    """The reduced loss, the loss per sigma bin, ``scalars`` (tag -> value) and the sigma histogram."""
+    tb.scalar("loss/train", m["loss"], step)
+    for i, v in enumerate(m["bins"]):
+        tb.scalar(f"loss_per_sigma/bin{i}", v, step)
+    for tag, value in scalars.items():
+        tb.scalar(tag, value, step)
+    tb.histogram("sigma", sigmas, step)
+    tb.flush()

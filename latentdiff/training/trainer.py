@@ -1,141 +1,56 @@
-"""The DeepSpeed training loop: EDM loss under WSNR-aligned noise, EMA, exact resume, tensorboard.
+"""The DeepSpeed training loop: EDM loss (edm.txt Eq. 8, Table 1) under WSNR-aligned noise, EMA, exact
+resume, tensorboard.
 
 One engine holds the preconditioned denoiser (the VAE is never in it).  Per optimizer step and
 micro-batch, every random draw (latent sample from the posterior, label dropout, sigma, noise) comes
-from a generator seeded with f(seed, step, micro, rank) (trap T8), so runs repeat exactly and ranks
-differ; the data order depends only on (seed, epoch, rank, worker) and resumes mid-epoch bit for bit.
-Together with DeepSpeed restoring the model, optimizer, LR scheduler and loss scaler, and the EMA
-and counters saved here, N steps + kill -9 + resume + N steps equals 2N steps uninterrupted.
+from a generator seeded with f(seed, step, micro, rank) (:func:`~latentdiff.utils.seeds.step_seed`),
+so runs repeat exactly and ranks differ; the data order depends only on (seed, epoch, rank, worker)
+and resumes mid-epoch bit for bit.  Together with DeepSpeed restoring the model, optimizer, LR
+scheduler and loss scaler, and the EMA and counters saved here, N steps + kill -9 + resume + N steps
+equals 2N steps uninterrupted.
 """
 from __future__ import annotations
 
 import json
-import math
-import os
-import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
+from tqdm import tqdm
 
-from latentdiff.utils import dist as ldist
-from latentdiff.vae.normalization import Normalization
-from latentdiff.data.manifest import load_manifest
+from latentdiff.contracts.manifest import load_manifest
 from latentdiff.data.reader import LatentShardDataset, sample_latent
-from latentdiff.utils.errors import ConfigError, TrainError
 from latentdiff.diffusion.guidance import drop_labels
 from latentdiff.diffusion.precond import EDMPrecond, edm_loss
-from latentdiff.training.checkpoint import find_latest, load_trainer_state, save_checkpoint, tag_for
-from latentdiff.training.config import TrainConfig, config_diff
+from latentdiff.models import build as build_model
+from latentdiff.training import evaluation
+from latentdiff.training.checkpoint import find_latest, save_checkpoint
+from latentdiff.training.config import TrainConfig
 from latentdiff.training.ema import EMA
+from latentdiff.training.engine import LossScaleWatch, build_ds_config, build_engine, ds_precision, warmup_steps_for
+from latentdiff.training.preview import SamplePreview
+from latentdiff.training.resume import check_resume
 from latentdiff.training.schedule import resolve_schedule
-from latentdiff.contracts.schedule import TrainingSchedule
-from latentdiff.training.tb import StepMetrics, TBWriter
-from latentdiff.models import build as build_model, from_config
+from latentdiff.training.signals import agree_stop, fault
+from latentdiff.training.state import TrainerState, load_trainer_state
+from latentdiff.training.tb import StepMetrics, TBWriter, reduce_metrics, write_step_scalars
+from latentdiff.utils import dist as ldist
+from latentdiff.utils.errors import TrainError
+from latentdiff.utils.io import atomic_write_json
+from latentdiff.utils.seeds import step_seed
 
-__all__ = ["Trainer", "build_ds_config", "fixed_batch", "step_seed"]
-
-FAULT_ENV = "LATENTDIFF_FAULT"  # test-only fault injection, e.g. "kill-after-save:4" or "kill-rank:1:3"
-
-
-def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    """A 63-bit seed mixing (seed, step, micro, rank) (numpy SeedSequence hashing)."""
-    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(2, dtype=np.uint32).astype(np.uint64)
-               .dot(np.array([1, 1 << 31], dtype=np.uint64)))
+__all__ = ["Trainer", "log_above_bar"]
 
 
-def build_ds_config(cfg: TrainConfig, base: dict | None, world_size: int) -> dict:
-    """The DeepSpeed config: the user's JSON (ZeRO stage, precision, offload) + our batch/clip values."""
-    ds = json.loads(json.dumps(base or {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}))
-    for forbidden in ("optimizer", "scheduler"):
-        if forbidden in ds:
-            raise ConfigError(
-                f"the DeepSpeed config has an '{forbidden}' section; latentdiff builds AdamW and the warmup "
-                f"schedule itself from the TrainConfig (lr, betas, eps, weight_decay, warmup_images): remove it"
-            )
-    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
-    ds["gradient_accumulation_steps"] = cfg.grad_accum
-    ds["train_batch_size"] = cfg.resolved_global_batch(world_size)
-    ds["gradient_clipping"] = float(cfg.grad_clip)
-    ds.setdefault("steps_per_print", 10**9)
-    ds.setdefault("wall_clock_breakdown", False)
-    if cfg.precision != "auto":
-        ds["bf16"] = {"enabled": cfg.precision == "bf16"}
-        fp16 = ds.get("fp16", {}) if isinstance(ds.get("fp16"), dict) else {}
-        fp16["enabled"] = cfg.precision == "fp16"
-        ds["fp16"] = fp16
-    zero = ds.setdefault("zero_optimization", {})
-    if isinstance(zero.get("offload_optimizer"), dict) and zero["offload_optimizer"].get("device", "none") != "none":
-        ds.setdefault("zero_force_ds_cpu_optimizer", False)
-    return ds
-
-
-def _precision(ds: dict) -> str:
-    if ds.get("bf16", {}).get("enabled"):
-        return "bf16"
-    if ds.get("fp16", {}).get("enabled"):
-        return "fp16"
-    return "fp32"
-
-
-def _fault(kind: str, step: int, rank: int) -> None:
-    """Test-only: ``LATENTDIFF_FAULT=kill-after-save:S`` (every rank, right after the save of step S),
-    ``kill-rank:R:S`` (rank R at step S), ``kill-mid-save:S`` (rank 0 inside the save of step S)."""
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[0] == kind == "kill-after-save" and int(parts[1]) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if parts[0] == kind == "kill-rank" and int(parts[1]) == rank and int(parts[2]) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if parts[0] == kind == "kill-mid-save" and int(parts[1]) == step and rank == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fixed_batch(dataset, n: int, seed: int, norm: Normalization, sigma_dist, device, null_label: int | None):
-    """The fixed batch of the raw-vs-EMA loss curve: ``(y, labels, sigma, noise)``, identical on every rank.
-
-    Trap T11: the batch is not split across ranks.  Every rank reads the same first ``n`` samples (in
-    manifest order, as one reader of a world of size 1) and draws the same latents, sigmas and noise
-    from one seed, so every rank runs the same forwards -- the ZeRO-3 parameter gathers inside them
-    are matched one for one whatever ``n``, the shard sizes or the number of ranks.  Rank 0 logs.
-    """
-    ds = LatentShardDataset(dataset, n, rank=0, world_size=1, num_workers=0, shuffle=False, verify="none")
-    mean, std, labels, _ = next(iter(ds))
-    g = torch.Generator(device).manual_seed(step_seed(seed, -1 % (1 << 31), 0, 0))
-    y = norm.to_model(sample_latent(mean.to(device), std.to(device), g))
-    lab = None
-    if null_label is not None:
-        labels = labels.to(device)
-        lab = torch.where(labels < 0, torch.full_like(labels, null_label), labels)
-    sigma = sigma_dist.sample(y.shape[0], g, device)
-    noise = torch.randn(y.shape, generator=g, device=device)
-    return y, lab, sigma, noise
-
-
-_STOP = {"requested": False}
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM/SIGUSR1 (SLURM preemption) set a flag; every rank checks the all-reduced flag each step,
-    then all save and exit 0.  Installed at the very start of ``main`` so no signal is lost during setup."""
-
-    def handler(signum, frame):
-        _STOP["requested"] = True
-
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, handler)
+def log_above_bar(log, msg: str) -> None:
+    """``log(msg)`` with the progress bars cleared first and redrawn after, so the line stands on its own."""
+    with tqdm.external_write_mode():
+        log(msg)
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, ds_config: dict | None = None, *, log=print):
-        import deepspeed
-
-        self.cfg = cfg
-        self.log = log
+        self.cfg, self.log = cfg, log
         self.rank, self.world = ldist.get_rank(), ldist.get_world_size()
         self.is_main = self.rank == 0
         self.device = ldist.device()
@@ -148,45 +63,30 @@ class Trainer:
         self.schedule = resolve_schedule(cfg)
         self.norm = self.schedule.normalization
         self.sigma_dist = self.schedule.distribution()
-        self.sample_shape = tuple(self.manifest["sample_shape"])
-        c, h, w = self.sample_shape
-        n_cls = int(self.manifest.get("num_classes") or 0)
-        self.num_classes = n_cls if cfg.conditional else 0
+        self.sample_shape = tuple(self.manifest.sample_shape)
+        self.num_classes = self.manifest.num_classes if cfg.conditional else 0
         self.global_batch = cfg.resolved_global_batch(self.world)
         self.total_steps = cfg.total_steps(self.world)
-        self.warmup_steps = math.ceil(cfg.warmup_images / self.global_batch) if cfg.warmup_images else 0
+        self.warmup_steps = warmup_steps_for(cfg, self.global_batch)
 
         # model + engine ---------------------------------------------------------------------------
+        c, h, _ = self.sample_shape
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
         net = build_model(cfg.model, in_channels=c, resolution=h, num_classes=self.num_classes, **cfg.model_overrides)
         self.model_config = dict(net.config)
         self.null_label = net.null_label if self.num_classes > 0 else None  # the model's null class (CFG)
-        denoiser = EDMPrecond(net, sigma_data=self.schedule.sigma_data)
         self.ds_config = build_ds_config(cfg, ds_config, self.world)
-        self.precision = _precision(self.ds_config)
-        opt = torch.optim.AdamW(
-            [p for p in denoiser.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.betas),
-            eps=cfg.eps, weight_decay=cfg.weight_decay,
-        )
-        warm = self.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
-            model=denoiser, optimizer=opt, lr_scheduler=sched, config=self.ds_config,
-            dist_init_required=not dist.is_initialized(),
-        )
+        self.precision = ds_precision(self.ds_config)
+        self.engine, self.optimizer, self.lr_scheduler = build_engine(
+            EDMPrecond(net, sigma_data=self.schedule.sigma_data), cfg, self.ds_config, self.warmup_steps)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.loss_scaler = getattr(self.optimizer, "loss_scaler", None)
-        if self.precision == "fp16" and self.loss_scaler is not None:
-            # DeepSpeed raises a bare Exception at the first overflow at the minimum scale; we count the
-            # skipped steps there ourselves and stop with a clear TrainError (see _check_loss_scale)
-            self.loss_scaler.raise_error_at_min_scale = False
+        self.loss_scale = LossScaleWatch(self.engine, self.optimizer, self.ds_config, self.precision,
+                                         cfg.fp16_max_min_scale_steps)
         self.ema = EMA(self.engine.module, cfg.ema_rates)
 
         # state ------------------------------------------------------------------------------------
-        self.step = 0
-        self.images_seen = 0
+        self.step, self.images_seen = 0, 0
         self.epoch, self.batch_in_epoch = 0, 0
-        self.min_scale_streak = 0
         self.step_times: list[float] = []  # wall time of every optimizer step of this invocation (benchmarks)
         self.data = LatentShardDataset(
             cfg.dataset, cfg.micro_batch, rank=self.rank, world_size=self.world, num_workers=cfg.num_workers,
@@ -196,43 +96,34 @@ class Trainer:
         for problem in self.data.problems:
             self.log(f"warning: {problem}")
         self.resolved = cfg.to_dict()
+        self.preview = SamplePreview(
+            self.run_dir, self.manifest.vae, self.norm, self.sample_shape, self.num_classes,
+            solver=cfg.sample_solver, nfe=cfg.sample_nfe, count=cfg.sample_count,
+            sigma_min=self.schedule.sigma_min, sigma_max=self.schedule.sigma_max, device=self.device)
+        self._bar = None
 
-    # ------------------------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {
-            "step": self.step,
-            "images_seen": self.images_seen,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "world_size": self.world,
-            "zero_stage": self.zero_stage,
-            "precision": self.precision,
-            "config": self.resolved,
-            "model_config": self.model_config,
-            "precond": self.engine.module.to_dict(),
-            "schedule": self.schedule.to_dict(),
-            "num_classes": self.num_classes,
-            "null_label": self.null_label,
-            "dataset": {
-                "path": str(Path(self.cfg.dataset).resolve()),
-                "vae": self.manifest["vae"],
-                "shards_hash": self.manifest.get("shards_hash"),
-                "num_samples": self.manifest.get("num_samples"),
-                "num_classes": self.manifest.get("num_classes"),
-                "class_names": self.manifest.get("class_names"),
-                "resolution": self.manifest.get("resolution"),
-                "sample_shape": list(self.sample_shape),
-            },
-            "time": time.time(),
-        }
+    # checkpoints --------------------------------------------------------------------------------
+    def state(self) -> TrainerState:
+        return TrainerState(
+            step=self.step, images_seen=self.images_seen, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
+            world_size=self.world, zero_stage=self.zero_stage, precision=self.precision, config=self.resolved,
+            model_config=self.model_config, schedule=self.schedule.to_dict(), dataset=self.manifest.reference(self.cfg.dataset),
+        )
+
+    def _say(self, msg: str) -> None:
+        """Log a line; while the progress bar is shown, above it (the bar is redrawn below)."""
+        if self._bar is not None:
+            log_above_bar(self.log, msg)
+        else:
+            self.log(msg)
 
     def save(self) -> Path:
-        hook = lambda where: _fault("kill-mid-save", self.step, self.rank)  # noqa: E731
+        hook = lambda where: fault("kill-mid-save", self.step, self.rank)  # noqa: E731
         path = save_checkpoint(self.engine, self.ckpt_root, self.step, self.state(), self.ema,
                                keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every, fault_hook=hook)
         if self.is_main:
-            self.log(f"saved checkpoint {path}")
-        _fault("kill-after-save", self.step, self.rank)
+            self._say(f"saved checkpoint {path}")
+        fault("kill-after-save", self.step, self.rank)
         return path
 
     def maybe_resume(self) -> bool:
@@ -243,18 +134,8 @@ class Trainer:
                 raise TrainError(f"resume=must but {self.ckpt_root} holds no complete checkpoint")
             return False
         st = load_trainer_state(ckpt)
-        if st["world_size"] != self.world and self.zero_stage > 0:
-            raise TrainError(
-                f"{ckpt} was written by {st['world_size']} ranks but {self.world} are running; ZeRO checkpoints "
-                f"resume on the same number of ranks (use DeepSpeed's universal checkpoint to change it)"
-            )
-        diff = config_diff(st["config"], self.resolved)
-        diff += TrainingSchedule.from_dict(st["schedule"], f"{ckpt} schedule").diff(self.schedule)
-        if diff and not cfg.force_resume:
-            raise TrainError(
-                f"refusing to resume {ckpt}: the config changed in ways that matter:\n  " + "\n  ".join(diff)
-                + "\nrevert these fields, start a new run_dir, or pass --force-resume true to accept the change"
-            )
+        diff = check_resume(ckpt, st, self.resolved, self.schedule, world=self.world, zero_stage=self.zero_stage,
+                            force=cfg.force_resume, model_config=self.model_config)
         if diff and self.is_main:
             self.log("warning: resuming with a changed config (--force-resume):\n  " + "\n  ".join(diff))
         load_path, _ = self.engine.load_checkpoint(
@@ -263,8 +144,8 @@ class Trainer:
         if load_path is None:
             raise TrainError(f"DeepSpeed could not load {ckpt}")
         self.ema.load(ckpt, self.rank, self.world)
-        self.step, self.images_seen = int(st["step"]), int(st["images_seen"])
-        self.epoch, self.batch_in_epoch = int(st["epoch"]), int(st["batch_in_epoch"])
+        self.step, self.images_seen = st.step, st.images_seen
+        self.epoch, self.batch_in_epoch = st.epoch, st.batch_in_epoch
         if self.is_main:
             self.log(f"resumed from {ckpt} at step {self.step} ({self.images_seen} images)")
         return True
@@ -287,67 +168,64 @@ class Trainer:
 
     def _model_batch(self, batch, g: torch.Generator):
         mean, std, labels, _ = batch
-        z = sample_latent(mean.to(self.device), std.to(self.device), g)
-        y = self.norm.to_model(z)
-        if self.num_classes > 0:
-            labels = labels.to(self.device)
-            labels = torch.where(labels < 0, torch.full_like(labels, self.null_label), labels)
-            labels = drop_labels(labels, self.cfg.label_dropout, self.null_label, g)
-        else:
-            labels = None
-        return y, labels
-
-    # signals ------------------------------------------------------------------------------------
-    def install_signal_handlers(self) -> None:
-        install_signal_handlers()
+        y = self.norm.to_model(sample_latent(mean.to(self.device), std.to(self.device), g))
+        if self.num_classes == 0:
+            return y, None
+        labels = labels.to(self.device)
+        labels = torch.where(labels < 0, torch.full_like(labels, self.null_label), labels)
+        return y, drop_labels(labels, self.cfg.label_dropout, self.null_label, g)
 
     # the loop -----------------------------------------------------------------------------------
-    def train(self) -> dict:
-        cfg = self.cfg
+    def _start(self) -> TBWriter:
+        """Resume if possible, write config.json and the run description; the tensorboard writer."""
         self.maybe_resume()
+        record = {"config": self.resolved, "schedule": self.schedule.to_dict()}
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps({"config": self.resolved, "schedule": self.schedule.to_dict(),
-                                                                  "ds_config": self.ds_config}, indent=1))
+            atomic_write_json(self.run_dir / "config.json", {**record, "ds_config": self.ds_config}, indent=1)
             self.log(self.describe())
         # events after the checkpoint (step + 1 onwards) from a killed run are dropped
         tb = TBWriter(self.run_dir / "tb", self.is_main, purge_step=self.step + 1 if self.step else None)
-        if self.step == 0 and self.is_main:
-            tb.text("config", "```\n" + json.dumps({"config": self.resolved, "schedule": self.schedule.to_dict()}, indent=1) + "\n```", 0)
-        heldout = self._heldout_batch() if cfg.heldout_batch else None
-        metrics = StepMetrics()
-        batches = self._batches()
-        end = self.total_steps if not cfg.max_steps else min(self.total_steps, cfg.max_steps)
-        from tqdm import tqdm
+        if self.step == 0:
+            tb.text("config", "```\n" + json.dumps(record, indent=1) + "\n```", 0)
+        return tb
 
-        bar = tqdm(total=end, initial=self.step, disable=not self.is_main, desc="train", unit="step", dynamic_ncols=True)
-        t_window, img_window = time.time(), 0
-        last = {}
+    def _train_step(self, batches, metrics: StepMetrics) -> None:
+        """One optimizer step: ``grad_accum`` micro-batches, the EMA update, the counters."""
+        for micro in range(self.cfg.grad_accum):
+            g = torch.Generator(self.device).manual_seed(step_seed(self.cfg.seed, self.step, micro, self.rank))
+            y, labels = self._model_batch(next(batches), g)
+            loss, sigma = edm_loss(self.engine, y, self.sigma_dist, labels, generator=g)
+            self.engine.backward(loss.mean())
+            self.engine.step()
+            metrics.add(loss, sigma)
+        self.ema.update()
+        self.step += 1
+        self.images_seen += self.global_batch
+
+    def train(self) -> dict:
+        """Train to the end of the duration (or ``max_steps``, or a stop signal); every rank calls."""
+        cfg = self.cfg
+        tb = self._start()
+        heldout = self._heldout_batch() if cfg.heldout_batch else None
+        metrics, batches = StepMetrics(), self._batches()
+        end = self.total_steps if not cfg.max_steps else min(self.total_steps, cfg.max_steps)
+        self._bar = bar = tqdm(total=end, initial=self.step, disable=not self.is_main, desc="train", unit="step",
+                               dynamic_ncols=True)
+        t_window, img_window, last = time.time(), 0, {}
         self.engine.train()
         while self.step < end:
             t0 = time.time()
-            for micro in range(cfg.grad_accum):
-                g = torch.Generator(self.device).manual_seed(step_seed(cfg.seed, self.step, micro, self.rank))
-                y, labels = self._model_batch(next(batches), g)
-                loss, sigma = edm_loss(self.engine, y, self.sigma_dist, labels, generator=g)
-                self.engine.backward(loss.mean())
-                self.engine.step()
-                metrics.add(loss, sigma)
-            self.ema.update()
-            self.step += 1
-            self.images_seen += self.global_batch
+            self._train_step(batches, metrics)
             img_window += self.global_batch
-            _fault("kill-rank", self.step, self.rank)
-            self._check_loss_scale()
-            # one small all-reduce per step: the stop flag and, on logging steps, the metrics
-            log_now = self.step % cfg.log_every == 0 or self.step == end
-            stop = self._agree_stop()
-            if log_now:
+            fault("kill-rank", self.step, self.rank)
+            self.loss_scale.check(self.step)
+            stop = self.stop_requested = agree_stop(self.stop_requested, self.device)  # one small all-reduce
+            if self.step % cfg.log_every == 0 or self.step == end:
                 last = self._log(tb, metrics, time.time() - t_window, img_window, time.time() - t0)
                 metrics.reset()
                 t_window, img_window = time.time(), 0
-            if heldout is not None and (self.step % cfg.log_every == 0 or self.step == end):
-                self._log_heldout(tb, heldout)
+                if heldout is not None:
+                    self._log_heldout(tb, heldout)
             if cfg.sample_every and self.step % cfg.sample_every == 0:
                 self._log_samples(tb)
             self.step_times.append(time.time() - t0)
@@ -358,17 +236,18 @@ class Trainer:
                 self.save()
             if stop:
                 if self.is_main:
-                    self.log(f"stop requested (SIGTERM/SIGUSR1): saved step {self.step}, exiting")
+                    self._say(f"stop requested (SIGTERM/SIGUSR1): saved step {self.step}, exiting")
                 break
         bar.close()
+        self._bar = None
         tb.close()
-        finished = self.step >= self.total_steps
-        return {"step": self.step, "finished": finished, "stopped": self.stop_requested, **last}
+        return {"step": self.step, "finished": self.step >= self.total_steps, "stopped": self.stop_requested, **last}
 
     def describe(self) -> str:
+        """The run in a few lines: data, layout, batch arithmetic, normalization and noise schedule."""
         s = self.schedule
         lines = [
-            f"run {self.run_dir}: {self.cfg.model} on {self.cfg.dataset} ({self.manifest['num_samples']} samples, "
+            f"run {self.run_dir}: {self.cfg.model} on {self.cfg.dataset} ({self.manifest.num_samples} samples, "
             f"shape {self.sample_shape}, {self.num_classes} classes)",
             f"ranks {self.world}, ZeRO-{self.zero_stage}, {self.precision}; global batch {self.global_batch} = "
             f"{self.cfg.micro_batch} x {self.cfg.grad_accum} x {self.world}; {self.total_steps} steps",
@@ -380,134 +259,48 @@ class Trainer:
             lines.append(f"WSNR alignment (DC {'included' if w.include_dc else 'excluded'}): sigma x "
                          f"{w.sigma_factor:.4f} (P_mean shift {w.p_mean_shift:+.4f}); DC-free variant: "
                          f"x {w.sigma_factor_dc_free:.4f}")
-            if abs(w.p_mean_shift) > 1.5:
-                lines.append(
-                    "warning: the WSNR alignment moves P_mean by more than 1.5 (a factor "
-                    f"{w.sigma_factor:.3g} in sigma). Eq. 2 includes the zero frequency, which holds the squared "
-                    "data mean; with normalization=channel the latents have zero mean while the RGB reference does "
-                    "not, so the DC bin dominates the comparison. Check that this is intended; "
-                    "--wsnr-include-dc false uses the DC-free WSNR."
-                )
+            if w.include_dc and abs(w.p_mean_shift) > 1.5:
+                lines.append("note: a P_mean shift above 1.5 comes mostly from the zero frequency (the data mean); "
+                             "--wsnr-include-dc false aligns without it")
         return "\n".join(lines)
 
-    def _agree_stop(self) -> bool:
-        self.stop_requested = self.stop_requested or _STOP["requested"]
-        if not (dist.is_available() and dist.is_initialized()) or self.world == 1:
-            return self.stop_requested
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
-        dist.all_reduce(flag)
-        self.stop_requested = bool(flag.item() > 0)
-        return self.stop_requested
-
-    def _check_loss_scale(self) -> None:
-        if self.precision != "fp16":
-            return
-        scale = self._loss_scale()
-        min_scale = self.ds_config.get("fp16", {}).get("min_loss_scale", 1)
-        skipped = not self.engine.was_step_applied()
-        self.min_scale_streak = self.min_scale_streak + 1 if (skipped and scale is not None and scale <= min_scale) else 0
-        if self.min_scale_streak >= self.cfg.fp16_max_min_scale_steps:
-            raise TrainError(
-                f"fp16 loss scale stuck at its minimum {min_scale} for {self.min_scale_streak} skipped steps "
-                f"(step {self.step}): the loss overflows; lower lr, use bf16 (--precision bf16) or fp32"
-            )
-
-    def _loss_scale(self):
-        if self.loss_scaler is not None and hasattr(self.loss_scaler, "cur_scale"):
-            return float(self.loss_scaler.cur_scale)
-        v = getattr(self.optimizer, "cur_scale", None)
-        return None if v is None else float(v)
-
+    # logging ------------------------------------------------------------------------------------
     def _log(self, tb: TBWriter, metrics: StepMetrics, window_s: float, images: int, step_s: float) -> dict:
-        buf = metrics.packed().to(self.device)
-        if dist.is_available() and dist.is_initialized() and self.world > 1:
-            dist.all_reduce(buf)
-        m = StepMetrics.unpack(buf.cpu())
-        sig = torch.cat(metrics.sigmas) if metrics.sigmas else torch.empty(0)
-        if self.world > 1:  # every rank's sigmas for the histogram (same size on every rank)
-            parts = [torch.empty_like(sig) for _ in range(self.world)]
-            dist.all_gather(parts, sig.to(self.device) if self.device.type != "cpu" else sig)
-            sig = torch.cat([p.cpu() for p in parts])
+        """Reduce the window's metrics over ranks (a collective) and write them (rank 0)."""
+        m, sig = reduce_metrics(metrics, self.device, self.world)
         out = {"loss": m["loss"]}
-        if self.is_main:
-            s = self.step
-            tb.scalar("loss/train", m["loss"], s)
-            for i, v in enumerate(m["bins"]):
-                tb.scalar(f"loss_per_sigma/bin{i}", v, s)
-            tb.scalar("lr", self.lr_scheduler.get_last_lr()[0], s)
-            gn = self.engine.get_global_grad_norm()
-            if gn is not None:
-                gn = float(gn)
-                tb.scalar("grad_norm", gn, s)
-                out["grad_norm"] = gn
-            if self.precision == "fp16":
-                tb.scalar("fp16/loss_scale", self._loss_scale(), s)
-                tb.scalar("fp16/skipped_steps", self.engine.skipped_steps, s)
-            tb.scalar("perf/images_per_s", images / max(window_s, 1e-9), s)
-            tb.scalar("perf/step_time_s", step_s, s)
-            tb.scalar("progress/images_seen", self.images_seen, s)
-            tb.histogram("sigma", sig, s)
-            tb.flush()
+        if not self.is_main:
+            return out
+        gn = self.engine.get_global_grad_norm()
+        scalars = {"lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": None if gn is None else float(gn),
+                   "perf/images_per_s": images / max(window_s, 1e-9), "perf/step_time_s": step_s,
+                   "progress/images_seen": self.images_seen}
+        if scalars["grad_norm"] is not None:
+            out["grad_norm"] = scalars["grad_norm"]
+        if self.precision == "fp16":
+            scalars.update({"fp16/loss_scale": self.loss_scale.scale(), "fp16/skipped_steps": self.engine.skipped_steps})
+        write_step_scalars(tb, self.step, m, sig, scalars)
         return out
 
-    # fixed batch: EMA vs raw ----------------------------------------------------------------------
+    # fixed batch: EMA vs raw; sample grid --------------------------------------------------------
     def _heldout_batch(self):
-        n = min(self.cfg.heldout_batch, int(self.manifest["num_samples"]))
+        n = min(self.cfg.heldout_batch, self.manifest.num_samples)
         if n < self.cfg.heldout_batch and self.is_main:
             self.log(f"warning: heldout_batch {self.cfg.heldout_batch} is larger than the dataset "
-                     f"({self.manifest['num_samples']} samples); the fixed batch uses all {n}")
-        return fixed_batch(self.cfg.dataset, n, self.cfg.seed, self.norm, self.sigma_dist, self.device,
-                           self.null_label if self.num_classes > 0 else None)
+                     f"({self.manifest.num_samples} samples); the fixed batch uses all {n}")
+        return evaluation.fixed_batch(self.cfg.dataset, n, self.cfg.seed, self.norm, self.sigma_dist, self.device,
+                                      self.null_label if self.num_classes > 0 else None)
 
     def _ema_denoiser(self, rate: float):
-        """A plain (non-engine) copy of the denoiser with EMA weights on rank 0; None elsewhere.
-        Collective under ZeRO-3 (every rank calls)."""
-        state = self.ema.full_state(rate, dst=0)
-        if not self.is_main:
-            return None
-        net = from_config(self.model_config)
-        d = EDMPrecond(net, self.schedule.sigma_data)
-        missing, unexpected = d.load_state_dict(state, strict=False)
-        params = {n for n, _ in d.named_parameters()}
-        if unexpected or [k for k in missing if k in params]:
-            raise TrainError(f"EMA state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        return d.to(self.device).eval()
+        """The EMA denoiser of ``rate`` on rank 0, None elsewhere (collective under ZeRO-3)."""
+        return evaluation.ema_denoiser(self.ema, rate, self.model_config, self.schedule.sigma_data, self.device,
+                                       self.is_main)
 
-    @torch.no_grad()
     def _log_heldout(self, tb: TBWriter, heldout) -> None:
-        y, lab, sigma, noise = heldout
-        self.engine.eval()
-        raw, _ = edm_loss(self.engine, y, labels=lab, sigma=sigma, noise=noise)  # same on every rank
-        self.engine.train()
-        for rate in self.ema.rates:
-            d = self._ema_denoiser(rate)
-            if d is not None:
-                ema_loss, _ = edm_loss(d, y, labels=lab, sigma=sigma, noise=noise)
-                tb.scalar(f"loss_fixed_batch/ema_{rate:g}", ema_loss.mean(), self.step)
-        if self.is_main:
-            tb.scalar("loss_fixed_batch/raw", raw.mean(), self.step)
+        denoisers = ((rate, self._ema_denoiser(rate)) for rate in self.ema.rates)  # one at a time, in rate order
+        evaluation.log_fixed_batch(tb, self.step, self.engine, heldout, denoisers)
 
-    # sample grid ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def _log_samples(self, tb: TBWriter) -> None:
-        rate = max(self.ema.rates)
-        d = self._ema_denoiser(rate)  # collective under ZeRO-3, then rank 0 only: no collectives below
-        if d is None:
-            return
-        from latentdiff.vae.decode import decode_to_uint8, image_grid
-        from latentdiff.solvers.generate import generate_latents
-
-        n = self.cfg.sample_count
-        labels = (torch.arange(n) % self.num_classes) if self.num_classes > 0 else None
-        z, _ = generate_latents(d, seeds=list(range(n)), shape=self.sample_shape, labels=labels,
-                                num_classes=self.num_classes, method="nfe-guided",
-                                nfe=self.cfg.sample_nfe, sigma_min=self.schedule.sigma_min,
-                                sigma_max=self.schedule.sigma_max, device=self.device)
-        imgs = decode_to_uint8(z, self.norm, self.manifest["vae"], device=self.device)
-        grid = image_grid(imgs)
-        tb.image("samples/ema", grid, self.step)
-        out = self.run_dir / "samples"
-        out.mkdir(exist_ok=True)
-        from PIL import Image
-
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out / f"{tag_for(self.step)}.png")
+        d = self._ema_denoiser(max(self.ema.rates))  # collective under ZeRO-3, then rank 0 only
+        if d is not None:
+            self.preview.log(tb, d, self.step)

@@ -147,10 +147,17 @@ def field_help(f: dataclasses.Field) -> str:
     return f"{text} (default: {default!r})" if text else f"default: {default!r}"
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, *, with_config: bool = True, skip=()) -> None:
-    """``--config`` plus one ``--field-name`` flag per field of ``cls`` (parsed later by ``load_config``)."""
+def add_config_flags(parser: argparse.ArgumentParser, cls, *, with_config: bool = True, skip=(),
+                     with_presets: bool = True) -> None:
+    """``--config`` plus one ``--field-name`` flag per field of ``cls`` (parsed later by ``load_config``).
+
+    ``with_presets=False``: the ``--config`` help names no preset (the presets are training configs).
+    """
     if with_config:
-        parser.add_argument("--config", default=None, help=f"YAML file or preset ({', '.join(preset_names()) or 'none'})")
+        names = ", ".join(preset_names()) or "none"
+        parser.add_argument("--config", default=None, metavar="YAML",
+                            help=f"YAML file or preset ({names})" if with_presets
+                            else f"YAML file of {cls.__name__} fields")
     group = parser.add_argument_group(f"{cls.__name__} fields (override the YAML)")
     for f in dataclasses.fields(cls):
         if f.name in skip:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -65,11 +67,11 @@ def is_distributed() -> bool:
 
 
 def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else env_rank()
+    return dist.get_rank() if is_distributed() else env_rank()
 
 
 def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else env_world_size()
+    return dist.get_world_size() if is_distributed() else env_world_size()
 
 
 def is_main() -> bool:
@@ -77,6 +79,8 @@ def is_main() -> bool:
 
 
 def accelerator():
+    # deepspeed is imported here, not at module level: it takes seconds to import and only the device
+    # and backend choice need it (the sampler's and FID's helpers import this module too)
     import deepspeed
 
     return deepspeed.get_accelerator()
@@ -90,8 +94,6 @@ def device() -> torch.device:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -133,7 +135,7 @@ def init_distributed(timeout_minutes: float = 30.0, *, single_process_group: boo
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
 
 
@@ -159,8 +161,8 @@ def all_gather_object(obj) -> list:
 
 
 def destroy() -> None:
-    """Tear down the process group (without it a rank was seen to abort at exit)."""
-    if dist.is_available() and dist.is_initialized():
+    """Barrier, then tear down the process group (a rank exiting with a live group can abort at exit)."""
+    if is_distributed():
         try:
             dist.barrier()
         finally:
@@ -170,12 +172,10 @@ def destroy() -> None:
 def hard_exit(rc: int) -> None:
     """End a launched process after its process group is destroyed: flush and ``os._exit``.
 
-    Interpreter teardown was seen to abort a rank ("terminate called without an active exception",
-    SIGABRT) after all work was done, from a communication thread still alive at exit (about 1 in
-    200 rank exits under SLURM).  Command-line entry points call this instead of ``sys.exit``.
+    Interpreter teardown can abort a rank ("terminate called without an active exception", SIGABRT)
+    after all work is done, when a communication thread is still alive at exit.  Command-line entry
+    points call this instead of ``sys.exit``.
     """
-    import sys
-
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -1,7 +1,8 @@
 """Seed lists as users write them: ``"0-49999"``, ``"0-9,20,30-39"`` (inclusive ranges), an int or a list.
 
 One parser for the sampler (``--seeds``: the order is kept, a repeated seed is refused) and the FID
-stage (``--seeds``: a set of seeds, returned sorted and unique); one compact formatter for the records.
+stage (``--seeds``: a set of seeds, returned sorted and unique); one compact formatter for the records;
+:func:`step_seed`, the trainer's per-(step, micro-batch, rank) seed.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["parse_seeds", "format_seeds"]
+__all__ = ["parse_seeds", "format_seeds", "step_seed"]
 
 _PART = re.compile(r"^(\d+)(?:\s*-\s*(\d+))?$")
 
@@ -76,3 +77,10 @@ def format_seeds(seeds: Iterable[int] | None, *, ordered: bool = False) -> str |
         lo = prev = x
     parts.append(f"{lo}-{prev}" if prev > lo else f"{lo}")
     return ",".join(parts)
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """A 63-bit seed mixing (seed, step, micro, rank) (numpy ``SeedSequence`` hashing): the same tuple
+    always gives the same seed, different tuples (other ranks, steps, micro-batches) different ones."""
+    state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(2, dtype=np.uint32).astype(np.uint64)
+    return int(state.dot(np.array([1, 1 << 31], dtype=np.uint64)))

@@ -9,18 +9,19 @@ identity for pixel-space training (``"none"``).
 
 * Images are (B, 3, H, W) in **[-1, 1]**.  ``encode`` returns the posterior ``(mean, std)`` in *raw*
   VAE space (no scaling/shift applied), float32.  ``decode`` maps raw latents back to images.
-* The VAE runs in fp32 **outside autocast** (trap T3: fp16 VAEs produce NaN/Inf on large images).
+* The VAE runs in fp32 **outside autocast** (fp16 VAEs produce NaN/Inf on large images).
   A lower precision (``bf16``/``fp16``) is only used after :meth:`Autoencoder.validate_precision`
   compared it with fp32 on real images; the encoder does that on its first batch.
 * Every encode and decode runs on the **whole image, whole batch**: tiling and slicing are switched
-  off on the diffusers object before each call, even if a caller switched them on (trap T20: tiled
-  decoding changes the images and the FID).
+  off on the diffusers object before each call, even if a caller switched them on (tiled decoding
+  changes the images and the FID).
 * A hub id is loaded with ``local_files_only=True`` when ``HF_HUB_OFFLINE=1`` (or ``offline=True``);
   when it cannot be loaded, :class:`~latentdiff.utils.errors.EncodeError` says how to pass a local path.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import re
@@ -60,6 +61,66 @@ def _resolve_local_dir(path: Path) -> Path:
         f"--vae {str(path)!r}: the directory has no config.json (nor vae/config.json); pass the folder "
         "written by AutoencoderKL.save_pretrained(), a diffusers pipeline folder, a hub id, or 'none'"
     )
+
+
+def _autoencoder_kl():
+    # diffusers is imported only when a VAE is loaded: it takes seconds, and pixel space needs none
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL
+
+
+def _load_local(spec: str, path: Path):
+    """(AutoencoderKL, its folder, its weights file) from a ``save_pretrained`` or pipeline folder."""
+    if not path.is_dir():
+        raise EncodeError(f"--vae {spec!r} is a file; pass the directory that holds config.json and the weights")
+    local = _resolve_local_dir(path.resolve())
+    weights = next((local / w for w in _WEIGHT_FILES if (local / w).is_file()), None)
+    if weights is None:
+        raise EncodeError(
+            f"--vae {spec!r}: no weights in {local} (expected {' or '.join(_WEIGHT_FILES)}); "
+            "re-save the model with save_pretrained()"
+        )
+    try:
+        vae = _autoencoder_kl().from_pretrained(
+            str(local), torch_dtype=torch.float32, local_files_only=True, low_cpu_mem_usage=False
+        )
+    except Exception as exn:  # noqa: BLE001 - any loader failure becomes one clear message
+        raise EncodeError(f"--vae {spec!r}: cannot load an AutoencoderKL from {local}: {exn}") from exn
+    return vae, local, weights
+
+
+def _from_hub(spec: str, revision: str | None, local_only: bool):
+    kl = _autoencoder_kl()
+    _, commit = kl.load_config(
+        spec, revision=revision, local_files_only=local_only, return_unused_kwargs=False, return_commit_hash=True
+    )
+    vae = kl.from_pretrained(
+        spec, revision=revision, torch_dtype=torch.float32, local_files_only=local_only, low_cpu_mem_usage=False
+    )
+    return vae, commit
+
+
+def _load_hub(spec: str, revision: str | None, offline: bool):
+    """(AutoencoderKL, commit hash) of a hub id: the local cache first, then the hub unless ``offline``."""
+    try:
+        try:  # the local cache first: instant, and no network round trip when the model is there
+            return _from_hub(spec, revision, True)
+        except Exception:  # noqa: BLE001
+            if offline:
+                raise
+            return _from_hub(spec, revision, False)
+    except Exception as exn:  # noqa: BLE001
+        how = (
+            "HF_HUB_OFFLINE=1 is set and the model is not in the local Hugging Face cache"
+            if offline
+            else "the hub could not be reached or the id/revision does not exist"
+        )
+        raise EncodeError(
+            f"--vae {spec!r}: cannot load the VAE ({how}: {type(exn).__name__}: {str(exn)[:200]}). "
+            f"Download it on a machine with network access (AutoencoderKL.from_pretrained('{spec}')"
+            ".save_pretrained('/path/vae')) and pass --vae /path/vae, or use --vae none for pixel space"
+        ) from exn
 
 
 class Autoencoder:
@@ -109,25 +170,9 @@ class Autoencoder:
         spec = str(spec)
         if spec.lower() == "none":
             return cls(None, spec="none", source="none", device=device)
-        from diffusers import AutoencoderKL
-
         path = Path(spec).expanduser()
         if path.exists():
-            if not path.is_dir():
-                raise EncodeError(f"--vae {spec!r} is a file; pass the directory that holds config.json and the weights")
-            local = _resolve_local_dir(path.resolve())
-            weights = next((local / w for w in _WEIGHT_FILES if (local / w).is_file()), None)
-            if weights is None:
-                raise EncodeError(
-                    f"--vae {spec!r}: no weights in {local} (expected {' or '.join(_WEIGHT_FILES)}); "
-                    "re-save the model with save_pretrained()"
-                )
-            try:
-                vae = AutoencoderKL.from_pretrained(
-                    str(local), torch_dtype=torch.float32, local_files_only=True, low_cpu_mem_usage=False
-                )
-            except Exception as exn:  # noqa: BLE001 - any loader failure becomes one clear message
-                raise EncodeError(f"--vae {spec!r}: cannot load an AutoencoderKL from {local}: {exn}") from exn
+            vae, local, weights = _load_local(spec, path)
             return cls(vae, spec=str(local), source="local", revision=revision,
                        weights_sha256=sha256_file(weights), device=device)
         if not _HUB_ID.match(spec):
@@ -135,35 +180,7 @@ class Autoencoder:
                 f"--vae {spec!r} is neither an existing directory nor a hub id of the form org/name; "
                 "pass a local folder (AutoencoderKL.save_pretrained layout), a hub id, or 'none'"
             )
-        offline = _offline() if offline is None else offline
-
-        def _from_hub(local_only: bool):
-            _, commit = AutoencoderKL.load_config(
-                spec, revision=revision, local_files_only=local_only, return_unused_kwargs=False, return_commit_hash=True
-            )
-            vae = AutoencoderKL.from_pretrained(
-                spec, revision=revision, torch_dtype=torch.float32, local_files_only=local_only, low_cpu_mem_usage=False
-            )
-            return vae, commit
-
-        try:
-            try:  # the local cache first: instant, and no network round trip when the model is there
-                vae, commit = _from_hub(True)
-            except Exception:  # noqa: BLE001
-                if offline:
-                    raise
-                vae, commit = _from_hub(False)
-        except Exception as exn:  # noqa: BLE001
-            how = (
-                "HF_HUB_OFFLINE=1 is set and the model is not in the local Hugging Face cache"
-                if offline
-                else "the hub could not be reached or the id/revision does not exist"
-            )
-            raise EncodeError(
-                f"--vae {spec!r}: cannot load the VAE ({how}: {type(exn).__name__}: {str(exn)[:200]}). "
-                f"Download it on a machine with network access (AutoencoderKL.from_pretrained('{spec}')"
-                ".save_pretrained('/path/vae')) and pass --vae /path/vae, or use --vae none for pixel space"
-            ) from exn
+        vae, commit = _load_hub(spec, revision, _offline() if offline is None else offline)
         return cls(vae, spec=spec, source="hub", revision=commit or revision, device=device)
 
     # properties -------------------------------------------------------------------------------
@@ -212,7 +229,7 @@ class Autoencoder:
         return (self.latent_channels, resolution // f, resolution // f)
 
     def description(self) -> dict:
-        """What the manifest records (trap T1): enough to reload the same VAE and undo its scaling."""
+        """What the manifest records: enough to reload the same VAE and undo its scaling."""
         if self.vae is None:
             return {
                 "kind": "none", "id": "none", "source": "none", "revision": None, "weights_sha256": None,
@@ -249,14 +266,14 @@ class Autoencoder:
         return self
 
     def _no_autocast(self):
-        # The VAE runs in its own precision whatever autocast context the caller is in (trap T3).
+        # The VAE runs in its own precision whatever autocast context the caller is in.
         try:
             return torch.autocast(device_type=self.device.type, enabled=False)
         except RuntimeError:
             return contextlib.nullcontext()
 
     def _whole_image(self) -> None:
-        """Trap T20: no tiled or sliced encode/decode (diffusers' switches, on every model we run)."""
+        """No tiled or sliced encode/decode (diffusers' switches, on every model we run)."""
         for model in (self.vae, self._low):
             for name in ("disable_tiling", "disable_slicing"):
                 fn = getattr(model, name, None)
@@ -313,8 +330,6 @@ class Autoencoder:
         if precision == "fp32" or self.vae is None:
             self.precision = "fp32"
             return {"precision": "fp32", "max_rel_error": 0.0}
-        import copy
-
         low = copy.deepcopy(self.vae).to(self.device)
         low.to(PRECISIONS[precision])
         ref_m, ref_s = self.encode(images, precision="fp32")

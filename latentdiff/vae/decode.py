@@ -1,7 +1,7 @@
 """From model-space latents to uint8 images: the exact inverse normalization, then the VAE the export names.
 
-``raw = model / scale + shift`` (computed in float64, trap T1), then an fp32 decode outside autocast on
-whole images (no tiling, no slicing: trap T20, enforced inside :class:`~latentdiff.autoencoder.Autoencoder`),
+``raw = model / scale + shift`` (computed in float64), then an fp32 decode outside autocast on whole
+images (no tiling, no slicing: enforced inside :class:`~latentdiff.vae.autoencoder.Autoencoder`),
 then ``round((x + 1) * 127.5)``, the exact inverse of the encoder's ``p / 127.5 - 1``.
 """
 from __future__ import annotations
@@ -11,6 +11,8 @@ import math
 import torch
 
 from latentdiff.utils.errors import SampleError
+from latentdiff.vae.autoencoder import Autoencoder
+from latentdiff.vae.normalization import Normalization
 
 __all__ = ["is_pixel_vae", "load_vae_for", "to_uint8", "decode_to_uint8", "image_grid"]
 
@@ -23,8 +25,6 @@ def is_pixel_vae(vae_desc) -> bool:
 def load_vae_for(vae_desc, device="cpu", *, path=None):
     """The Autoencoder an export names (``path`` overrides where it is loaded from); refuses a VAE
     whose weights sha256, revision or scaling differ from what the export recorded."""
-    from latentdiff.vae.autoencoder import Autoencoder
-
     if is_pixel_vae(vae_desc):
         if path is not None:
             raise SampleError(f"--vae {path}: this model is pixel-space (its export names no VAE)")
@@ -52,7 +52,7 @@ def load_vae_for(vae_desc, device="cpu", *, path=None):
     for k in ("scaling_factor", "shift_factor", "latent_channels", "downsampling_factor"):
         if k in vae_desc and getattr(ae, k) != vae_desc[k]:
             raise SampleError(f"the VAE's {k} is {getattr(ae, k)} but the export recorded vae.{k} = {vae_desc[k]}")
-    return ae  # untiled, unsliced fp32 decode outside autocast: Autoencoder.decode (trap T20)
+    return ae  # untiled, unsliced fp32 decode outside autocast: Autoencoder.decode
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -78,8 +78,6 @@ def decode_to_uint8(
     (the last chunk padded with copies of its last latent), so the result does not depend on how many
     latents one call gets.
     """
-    from latentdiff.vae.normalization import Normalization
-
     norm = normalization if isinstance(normalization, Normalization) else Normalization.from_dict(normalization)
     if latents.ndim != 4 or latents.shape[1] != norm.channels:
         raise SampleError(

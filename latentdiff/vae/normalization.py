@@ -1,7 +1,7 @@
 """The raw <-> model-space latent normalization (a per-channel affine map and its exact inverse).
 
 The diffusion model never sees raw latents: ``model = (raw - shift) * scale`` per channel, with the
-exact inverse ``raw = model / scale + shift`` applied before decoding (trap T1).  Two recipes:
+exact inverse ``raw = model / scale + shift`` applied before decoding.  Two recipes:
 
 * ``sd``: ``shift = shift_factor or 0``, ``scale = scaling_factor`` from the VAE config (Stable
   Diffusion).  **Every** ``AutoencoderKL`` reports ``scaling_factor = 0.18215`` unless its config says
@@ -22,7 +22,6 @@ import torch
 __all__ = ["Normalization"]
 
 
-
 def _floats(name: str, values) -> tuple[float, ...]:
     if torch.is_tensor(values):
         values = values.detach().cpu().double().flatten().tolist()
@@ -38,7 +37,7 @@ class Normalization:
 
     ``raw = model / scale + shift`` is its exact inverse (apply it before ``Autoencoder.decode``).
     ``kind`` names the recipe (``sd``, ``channel`` or ``identity``); ``target_std`` is the std the
-    recipe aims for in model space (used by the load-time check of trap T2).
+    recipe aims for in model space (checked against the dataset statistics when the data is loaded).
     """
 
     kind: str

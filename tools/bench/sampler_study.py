@@ -123,9 +123,9 @@ def dataset_latents(root: Path, normalization, seed: int = 0):
     """(model-space sampled latents (N, C, H, W) float32, raw posterior means, labels) of every shard."""
     manifest = load_manifest(root)
     means, stds, labels = [], [], []
-    for sh in manifest["shards"]:
-        with open(root / sh["name"], "rb") as f:
-            for smp in iter_tar(f, sh["name"]):
+    for sh in manifest.shards:
+        with open(root / sh.name, "rb") as f:
+            for smp in iter_tar(f, sh.name):
                 means.append(npy_load(smp["mean.npy"]).astype(np.float32))
                 stds.append(npy_load(smp["std.npy"]).astype(np.float32))
                 labels.append(int(smp["cls"].decode()) if "cls" in smp else -1)

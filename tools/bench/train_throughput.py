@@ -89,7 +89,7 @@ def worker(args) -> None:
         net = models.build(cfg.model, in_channels=c, resolution=h, num_classes=tr.num_classes, **cfg.model_overrides)
         den = EDMPrecond(net, 0.5)
         opt = torch.optim.AdamW(den.parameters(), lr=1e-4)
-        from latentdiff.training.trainer import build_ds_config
+        from latentdiff.training.engine import build_ds_config
 
         eng, *_ = deepspeed.initialize(model=den, optimizer=opt, config=build_ds_config(cfg, ds, world))
         y = torch.randn(cfg.micro_batch, c, h, w)
