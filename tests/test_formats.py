@@ -85,9 +85,10 @@ def test_a_v1_dataset_is_read_and_trained_on_as_before(tiny_dataset, tmp_path):
     assert len(keys) == len(set(keys)) > 0
     a = resolve_schedule(TrainConfig(dataset=str(old)))
     b = resolve_schedule(TrainConfig(dataset=str(tiny_dataset)))
-    for s in (a, b):
+    da, db = a.to_dict(), b.to_dict()
+    for s in (da, db):
         s["wsnr"].pop("reference")  # the dataset's own path
-    assert a == b
+    assert da == db
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,19 +140,21 @@ def test_trainer_state_precond_is_the_schedules_sigma_data():
 
 def test_force_resume_cannot_load_another_network():
     """--force-resume accepts a changed config, not a changed network (a raw size-mismatch traceback before)."""
+    from latentdiff.contracts.schedule import TrainingSchedule
     from latentdiff.training.resume import check_resume
 
     st = load_trainer_state(FIXTURES)
     same = dict(st.model_config)
-    assert check_resume(FIXTURES, st, st.config, st.schedule, world=1, zero_stage=2, force=False, model_config=same) == []
+    sched = TrainingSchedule.from_dict(st.schedule)
+    assert check_resume(FIXTURES, st, st.config, sched, world=1, zero_stage=2, force=False, model_config=same) == []
     lr = {**st.config, "lr": 0.5}
-    assert check_resume(FIXTURES, st, lr, st.schedule, world=1, zero_stage=2, force=True, model_config=same)
+    assert check_resume(FIXTURES, st, lr, sched, world=1, zero_stage=2, force=True, model_config=same)
     with pytest.raises(TrainError, match="refusing to resume"):
-        check_resume(FIXTURES, st, lr, st.schedule, world=1, zero_stage=2, force=False, model_config=same)
+        check_resume(FIXTURES, st, lr, sched, world=1, zero_stage=2, force=False, model_config=same)
     # a change that keeps every weight's shape (gradient checkpointing) may be forced
     ckpt = {**same, "grad_checkpointing": not same["grad_checkpointing"]}
-    assert check_resume(FIXTURES, st, lr, st.schedule, world=1, zero_stage=2, force=True, model_config=ckpt)
+    assert check_resume(FIXTURES, st, lr, sched, world=1, zero_stage=2, force=True, model_config=ckpt)
     wider = {**same, "width": 2 * same["width"]}
     with pytest.raises(TrainError, match=rf"another network \(width: {same['width']} -> {2 * same['width']}\).*with or without --force-resume"):
-        check_resume(FIXTURES, st, st.config, st.schedule, world=1, zero_stage=2, force=True, model_config=wider)
+        check_resume(FIXTURES, st, st.config, sched, world=1, zero_stage=2, force=True, model_config=wider)
 

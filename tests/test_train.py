@@ -258,10 +258,10 @@ def test_sample_preview_loads_the_vae_once_and_uses_the_default_sampler(tiny_dat
     m, sched = load_manifest(tiny_dataset), resolve_schedule(cfg)
     c, h, _ = m.sample_shape
     torch.manual_seed(0)
-    d = EDMPrecond(build("uvit-tiny", in_channels=c, resolution=h, num_classes=m.num_classes), sched["sigma_data"]).eval()
-    preview = pv.SamplePreview(tmp_path, m.vae, Normalization.from_dict(sched["normalization"]), m.sample_shape,
-                               m.num_classes, solver=cfg.sample_solver, nfe=7, count=4, sigma_min=sched["sigma_min"],
-                               sigma_max=sched["sigma_max"], device=torch.device("cpu"))
+    d = EDMPrecond(build("uvit-tiny", in_channels=c, resolution=h, num_classes=m.num_classes), sched.sigma_data).eval()
+    preview = pv.SamplePreview(tmp_path, m.vae, sched.normalization, m.sample_shape,
+                               m.num_classes, solver=cfg.sample_solver, nfe=7, count=4, sigma_min=sched.sigma_min,
+                               sigma_max=sched.sigma_max, device=torch.device("cpu"))
     tb = TBWriter(tmp_path / "tb", enabled=False)
     g1, g2 = preview.log(tb, d, 10), preview.log(tb, d, 20)
     assert len(loads) == 1 and methods == [DEFAULT_SAMPLER, DEFAULT_SAMPLER]
@@ -313,7 +313,7 @@ def test_run_description_keeps_the_wsnr_note_short(tiny_dataset):
         text = Trainer.describe(run)
         notes = [line for line in text.splitlines() if line.startswith(("note", "warning"))]
         if include_dc:
-            assert abs(sched["wsnr"]["p_mean_shift"]) > 1.5  # the case the note is for
+            assert abs(sched.wsnr.p_mean_shift) > 1.5  # the case the note is for
             assert len(notes) == 1 and len(notes[0]) < 140 and "--wsnr-include-dc false" in notes[0]
         else:
             assert notes == []

@@ -61,7 +61,7 @@ import torch
 
 from latentdiff.contracts.export import load_export
 from latentdiff.data.encode import EncodeConfig, encode_dataset
-from latentdiff.data.manifest import load_manifest
+from latentdiff.contracts.manifest import load_manifest
 from latentdiff.data.shards import iter_tar, npy_load
 from latentdiff.data.synthetic import make_tiny_vae, write_image_folder
 from latentdiff.metrics.frechet import compute_statistics, frechet_distance
