@@ -84,7 +84,7 @@ class Snapshot:
         out: dict[float, dict[str, torch.Tensor]] = {s: {} for s, _ in self.profiles}
         for k, v in flat.items():
             s, name = k.split("/", 1)
-            out[float(s)][name] = v
+            out.setdefault(float(s), {})[name] = v
         return out
 
 
