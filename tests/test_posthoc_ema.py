@@ -130,7 +130,7 @@ def test_reconstructing_a_tracked_profile_reproduces_it_and_the_export_samples(t
 
     run = tmp_path / "run"
     p = torchrun(train_args(tiny_dataset, run, "--max-steps", 16, "--checkpoint-every", 8,
-                            "--snapshot-every-images", 16), nproc=1)
+                            "--snapshot-every-images", 16), nproc=1, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     snaps = list_snapshots(run / "ema_snapshots")
     assert [s.images for s in snaps] == list(range(16, 129, 16)) and snaps[-1].step == 16
@@ -139,6 +139,7 @@ def test_reconstructing_a_tracked_profile_reproduces_it_and_the_export_samples(t
     tracked = consolidate(run / "checkpoints" / "step_00000016", stem=PowerEMA.STEM)[0.1]
     full = export_checkpoint(run / "checkpoints" / "step_00000016", tmp_path / "normal")
     den_norm, ex_norm = load_export(full, weights="phema-0.1")
+    assert ex_norm.weights_file == "phema-0.1.safetensors" and ex_norm.meta.weights["raw"] == "raw.safetensors"
     den, ex = load_export(out / export_name(0.1, 128))
     assert ex.weights_file == "phema-0.1.safetensors" and ex.meta.weights["raw"] is None
     assert ex.meta.images_seen == 128 and ex.meta.step == 16
@@ -167,6 +168,24 @@ def test_reconstructing_a_tracked_profile_reproduces_it_and_the_export_samples(t
     assert rec["ema_profile"] == "phema-0.13" and rec["num_images"] == 3
     with np.load(samples / "samples.npz") as z:
         assert z["arr_0"].shape == (3, 32, 32, 3)
+    # the sweep tool (metric vs sigma_rel) on the same run, and the tools/ entry of the console script
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    sweep = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, "tools/bench/phema_sweep.py", str(run), "--out", str(sweep), "--sigma-rels",
+                        "0.05", "0.2", "--num", "8", "--batch", "8", "--nfe", "3"], cwd=repo, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.loads((sweep / "sweep.json").read_text())
+    assert [r["sigma_rel"] for r in res["sweep"]] == [0.05, 0.2] and res["images"] == 128
+    assert all(math.isfinite(r["fd_lat"]) and r["fd_lat"] > 0 for r in res["sweep"])
+    assert (sweep / "sweep.png").stat().st_size > 10_000 and "| 0.2 |" in (sweep / "sweep.md").read_text()
+    p = subprocess.run([sys.executable, "tools/reconstruct_ema.py", str(run), "--sigma-rel", "0.07", "--dry-run"],
+                       cwd=repo, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "sigma_rel 0.07 (gamma 11.245) at 128 images (step 16)" in p.stdout, p.stderr
+    assert 'latentdiff-reconstruct-ema = "latentdiff.cli.reconstruct_ema:cli"' in (repo / "pyproject.toml").read_text()
 
 
 def _zero0_ds(tmp_path):
@@ -189,7 +208,7 @@ def test_zero3_on_two_ranks_tracks_the_same_power_ema_as_zero0(tiny_dataset, tmp
         args = train_args(tiny_dataset, run, "--max-steps", 6, "--checkpoint-every", 6, "--snapshot-every-images", 32,
                           "--snapshot-dtype", "fp32")
         args[args.index("--deepspeed_config") + 1] = ds
-        p = torchrun(args)
+        p = torchrun(args, timeout=600)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
         runs[name] = run
     ck3 = runs["z3"] / "checkpoints" / "step_00000006"
@@ -198,7 +217,7 @@ def test_zero3_on_two_ranks_tracks_the_same_power_ema_as_zero0(tiny_dataset, tmp
     e3 = consolidate(ck3, stem=PowerEMA.STEM)
     assert sorted(e0) == sorted(e3) == [0.05, 0.1]
     s0, s3 = list_snapshots(runs["z0"] / "ema_snapshots"), list_snapshots(runs["z3"] / "ema_snapshots")
-    assert [s.images for s in s0] == [s.images for s in s3] == [32, 64, 96, 128, 160, 192]
+    assert [s.images for s in s0] == [s.images for s in s3] == [32, 64, 96]  # 16 images per step
     for s in (0.05, 0.1):
         assert e0[s].keys() == e3[s].keys()
         assert _diff(e0[s], e3[s]) <= 1e-6 * _norm(e0[s]), s
