@@ -73,25 +73,29 @@ def plan(snaps: list[Snapshot], targets: list[Target]) -> list[Plan]:
 
 
 def reconstruct(snaps: list[Snapshot], plans: list[Plan], log=None) -> list[dict[str, torch.Tensor]]:
-    """Weights of every plan (float32), reading each needed snapshot once."""
+    """Weights of every plan (float32), reading each needed snapshot once and converting each tensor once."""
     acc: list[dict[str, torch.Tensor] | None] = [None] * len(plans)
     needed = sorted({i for p in plans for i in p.used})
     for n, i in enumerate(needed):
         if log is not None:
             log(f"reading snapshot {n + 1}/{len(needed)}: {snaps[i].path.name}")
         weights = snaps[i].load()
-        for j, p in enumerate(plans):
-            for (ci, s), x in zip(p.columns, p.fit.weights):
-                if ci != i:
-                    continue
-                tensors = weights.get(s)
-                if tensors is None:
-                    raise TrainError(f"{snaps[i].path}: no tensors for sigma_rel {s} though its record lists it")
+        for s, _ in snaps[i].profiles:
+            uses = [(j, float(x)) for j, p in enumerate(plans) for (ci, cs), x in zip(p.columns, p.fit.weights)
+                    if ci == i and cs == s]
+            tensors = weights.get(s)
+            if not uses:
+                continue
+            if not tensors:
+                raise TrainError(f"{snaps[i].path}: no tensors for sigma_rel {s} though its record lists it")
+            for j, _ in uses:
                 if acc[j] is None:
                     acc[j] = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in tensors.items()}
                 if acc[j].keys() != tensors.keys():
                     raise TrainError(f"{snaps[i].path}: its tensors differ from the other snapshots' "
                                      "(snapshots of another model in the same directory?)")
-                for k, v in tensors.items():
-                    acc[j][k].add_(v.double(), alpha=float(x))
+            for k, v in tensors.items():
+                v64 = v.double()
+                for j, x in uses:
+                    acc[j][k].add_(v64, alpha=x)
     return [{k: v.float() for k, v in a.items()} for a in acc]

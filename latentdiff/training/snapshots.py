@@ -112,7 +112,7 @@ def write_snapshot(pema, root: str | Path, *, step: int, images: int, global_bat
         snap = Snapshot(root, images, step, global_batch, dtype, _stem(images) + ".safetensors",
                         tuple((s, pema.gammas[s]) for s in pema.rates))
         tmp = root / f".{snap.file}.{os.getpid()}.tmp"
-        save_file(flat, str(tmp), metadata={"images": str(images), "step": str(step)})
+        save_file(flat, str(tmp))  # no header metadata: the JSON record holds it (and the bytes stay reproducible)
         os.replace(tmp, snap.path)
         atomic_write_json(root / (_stem(images) + ".json"), snap.to_json(), indent=1, sync_dir=True)
         fsync_dir(root)

@@ -125,8 +125,8 @@ def plot(result: dict, path: Path) -> None:
 
 def markdown(result: dict) -> str:
     lines = [f"# FD-lat vs sigma_rel ({result['run_name']}, {result['images']} images)", "",
-             f"{result['num']} samples, solver {result['solver']}, NFE {result['nfe']}, projection dim "
-             f"{result['proj_dim']}; FD-lat is NOT FID.  Estimator floor: {result['floor']:.4g}.", "",
+             (f"{result['num']} samples, solver {result['solver']}, NFE {result['nfe']}, projection dim "
+              f"{result['proj_dim']}; FD-lat is NOT FID.  Estimator floor: {result['floor']:.4g}."), "",
              "| sigma_rel | gamma | fit error | FD-lat |", "|---|---|---|---|"]
     lines += [f"| {r['sigma_rel']:.3g} | {r['gamma']:.3f} | {r['fit_rel_error']:.2e} | {r['fd_lat']:.4g} |"
               for r in result["sweep"]]
