@@ -1,5 +1,5 @@
 """``latentdiff-reconstruct-ema RUN --sigma-rel 0.05 0.08 0.12 [--end-images N] [--out DIR]``: post-hoc
-EMA (EDM2 App. C.3) from ``RUN/ema_snapshots``.
+EMA (EDM2 App. C) from ``RUN/ema_snapshots``.
 
 Fits every target (σ_rel, end point) to the stored power-EMA snapshots, prints the fit error per target,
 reads each snapshot once for all targets and writes one export per target,

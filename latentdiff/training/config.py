@@ -171,7 +171,7 @@ class TrainConfig:
         if not (isinstance(s, (list, tuple)) and all(isinstance(v, (int, float)) and 0 < v < SIGMA_REL_MAX for v in s)
                 and len(set(s)) == len(s)):
             return [f"power_ema_sigma_rels: {s!r} must be a list of distinct widths in (0, {SIGMA_REL_MAX:.4f}) "
-                    "(EDM2 App. C.1), e.g. [0.05, 0.10], or [] for none"]
+                    "(EDM2 App. C), e.g. [0.05, 0.10], or [] for none"]
         if self.snapshot_every_images and not s:
             return ["snapshot_every_images: snapshots hold the power-function EMAs, but power_ema_sigma_rels is []; "
                     "set both or set snapshot_every_images 0"]

@@ -132,10 +132,10 @@ class EMA:
 
 
 class PowerEMA(EMA):
-    """EDM2 power-function EMAs, one per σ_rel (EDM2 Sec. 3.1, App. C.1), fp32, ZeRO-aware like :class:`EMA`.
+    """EDM2 power-function EMAs, one per σ_rel (EDM2 Sec. 3.1, App. C), fp32, ZeRO-aware like :class:`EMA`.
 
     After the optimizer step that brings the image count to ``t`` (``dt`` images per step):
-    ``ema <- beta * ema + (1 - beta) * theta`` with ``beta = (1 - dt/t)^(gamma + 1)`` (EDM2 Eq. 3).
+    ``ema <- beta * ema + (1 - beta) * theta`` with ``beta = (1 - dt/t)^(gamma + 1)`` (EDM2 Sec. 3.1).
     ``rates`` holds the σ_rel values (the keys of the shadow and of the files)."""
 
     STEM = "power_ema"

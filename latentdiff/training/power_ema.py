@@ -5,9 +5,9 @@ Appendix C).  Pure float64 math, no I/O.
 A power-function EMA at time t (here: images seen) averages the training trajectory θ(τ), τ ∈ [0, t],
 with the density
 
-    p_{t,γ}(τ) = (γ + 1) τ^γ / t^(γ+1)                                    (EDM2 Eq. 2, normalized)
+    p_{t,γ}(τ) = (γ + 1) τ^γ / t^(γ+1)                                    (EDM2 Sec. 3.1, normalized)
 
-whose standard deviation relative to t is the profile's width (App. C.1)
+whose standard deviation relative to t is the profile's width (App. C)
 
     σ_rel = sqrt((γ + 1) / ((γ + 2)² (γ + 3))).
 
@@ -16,23 +16,27 @@ out); its largest real root is the profile.  σ_rel(γ) rises from 0 at γ = −
 ``SIGMA_REL_MAX`` ≈ 0.3003 at γ = φ − 2 ≈ −0.382 and falls to 0 as γ → ∞; the largest root is the
 branch γ > φ − 2 on which σ_rel decreases monotonically.
 
-Discrete update (App. C.1, image-count form): after an optimizer step that brings the image count
+Discrete update (App. C, image-count form): after an optimizer step that brings the image count
 from t − Δt to t,
 
-    θ̂_t = β θ̂_{t−Δt} + (1 − β) θ_t,   β = (1 − Δt / t)^(γ+1).           (EDM2 Eq. 3 with t in images)
+    θ̂_t = β θ̂_{t−Δt} + (1 − β) θ_t,   β = (1 − Δt / t)^(γ+1).           (EDM2 Sec. 3.1, t in images)
 
 The weight this puts on the step that ended at image count s_k is
 (s_k/t)^(γ+1) − (s_{k−1}/t)^(γ+1): exactly p_{t,γ} integrated over (s_{k−1}, s_k], so the discrete
 EMA is the continuous profile applied to the piecewise-constant trajectory, with no further
 approximation.
 
-Inner product of two profiles (App. C.2): for t_a ≤ t_b,
+Inner product of two profiles (App. C): for t_a ≤ t_b,
 
     ⟨p_a, p_b⟩ = ∫₀^{t_a} p_a p_b dτ = (γ_a + 1)(γ_b + 1) / ((γ_a + γ_b + 1) t_b) · (t_a / t_b)^{γ_b}
 
 (and symmetrically).  Reconstruction: snapshots i with profiles p_i, a target p*; the weights x that
-minimise ‖Σ_i x_i p_i − p*‖² solve A x = b with A_ij = ⟨p_i, p_j⟩, b_i = ⟨p_i, p*⟩ (App. C.3).  The
+minimise ‖Σ_i x_i p_i − p*‖² solve A x = b with A_ij = ⟨p_i, p_j⟩, b_i = ⟨p_i, p*⟩ (App. C).  The
 fit error reported is that residual relative to ‖p*‖² = (γ + 1)² / ((2γ + 1) t).
+
+The EDM2 text is not among the project's stored papers, so sections are cited, not equation numbers;
+every formula above is derived from the profile's definition and checked against numerical integration
+in ``tests/test_power_ema.py``.
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ SIGMA_REL_MAX = math.sqrt((GAMMA_AT_MAX + 1) / ((GAMMA_AT_MAX + 2) ** 2 * (GAMMA
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
-    """σ_rel of the profile with exponent γ (EDM2 App. C.1)."""
+    """σ_rel of the profile with exponent γ (EDM2 App. C)."""
     g = float(gamma)
     if not g > -1.0:
         raise ValueError(f"gamma {gamma!r} must be > -1")
@@ -68,7 +72,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent γ (on the branch γ > φ − 2) whose profile has relative width ``sigma_rel``."""
     s = float(sigma_rel)
     if not 0.0 < s < SIGMA_REL_MAX:
-        raise ValueError(f"sigma_rel {sigma_rel!r} must be in (0, {SIGMA_REL_MAX:.6f}) (EDM2 App. C.1)")
+        raise ValueError(f"sigma_rel {sigma_rel!r} must be in (0, {SIGMA_REL_MAX:.6f}) (EDM2 App. C)")
     k = s ** -2
     roots = np.roots([1.0, 7.0, 16.0 - k, 12.0 - k])
     g = float(max(r.real for r in roots if abs(r.imag) < 1e-9 * max(1.0, abs(r.real))))
@@ -78,14 +82,14 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 
 
 def power_beta(gamma: float, t: float, dt: float) -> float:
-    """β = (1 − Δt/t)^(γ+1) for the step that brings the image count to ``t`` (EDM2 Eq. 3)."""
+    """β = (1 − Δt/t)^(γ+1) for the step that brings the image count to ``t`` (EDM2 Sec. 3.1)."""
     if not (t > 0 and 0 < dt <= t):
         raise ValueError(f"need 0 < dt <= t, got t={t}, dt={dt}")
     return (1.0 - dt / t) ** (gamma + 1.0)
 
 
 def profile_inner(t_a, g_a, t_b, g_b):
-    """⟨p_{t_a,γ_a}, p_{t_b,γ_b}⟩ over τ ∈ [0, ∞) (EDM2 App. C.2); broadcasts over numpy arrays."""
+    """⟨p_{t_a,γ_a}, p_{t_b,γ_b}⟩ over τ ∈ [0, ∞) (EDM2 App. C); broadcasts over numpy arrays."""
     t_a, g_a, t_b, g_b = (np.asarray(v, dtype=np.float64) for v in (t_a, g_a, t_b, g_b))
     lo, hi = np.minimum(t_a, t_b), np.maximum(t_a, t_b)
     g_hi = np.where(t_a <= t_b, g_b, g_a)  # the exponent of the longer profile
@@ -101,7 +105,7 @@ class Fit:
 
 
 def solve_weights(snap_t, snap_gamma, target_t: float, target_gamma: float) -> Fit:
-    """Least-squares weights of the snapshot profiles (t_i, γ_i) for the target (t*, γ*) (App. C.3)."""
+    """Least-squares weights of the snapshot profiles (t_i, γ_i) for the target (t*, γ*) (App. C)."""
     t = np.asarray(snap_t, dtype=np.float64).reshape(-1)
     g = np.asarray(snap_gamma, dtype=np.float64).reshape(-1)
     if t.size == 0 or t.shape != g.shape:

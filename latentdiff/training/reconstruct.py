@@ -1,4 +1,4 @@
-"""Post-hoc EMA reconstruction (EDM2 App. C.3): the EMA of any width σ_rel, ending at any image count up
+"""Post-hoc EMA reconstruction (EDM2 App. C): the EMA of any width σ_rel, ending at any image count up
 to the last snapshot, as a least-squares combination of the stored power-EMA snapshots
 (:mod:`latentdiff.training.snapshots`).
 

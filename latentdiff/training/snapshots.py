@@ -1,5 +1,5 @@
 """Post-hoc EMA snapshots: the power-function EMAs (:class:`~latentdiff.training.ema.PowerEMA`) saved
-every K images beside the checkpoints, for :mod:`latentdiff.training.reconstruct` (EDM2 App. C.3).
+every K images beside the checkpoints, for :mod:`latentdiff.training.reconstruct` (EDM2 App. C).
 
 Layout: ``RUN/ema_snapshots/snap_<images:012d>.safetensors`` holds the full (consolidated) weights of
 every tracked profile (keys ``<sigma_rel>/<param name>``, fp16 or fp32), and

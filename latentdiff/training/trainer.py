@@ -205,7 +205,7 @@ class Trainer:
         self.ema.update()
         self.step += 1
         self.images_seen += self.global_batch
-        if self.power_ema is not None:  # beta from the image count after this step (EDM2 Eq. 3)
+        if self.power_ema is not None:  # beta from the image count after this step (EDM2 Sec. 3.1)
             self.power_ema.update(self.images_seen, self.global_batch)
 
     def _maybe_snapshot(self) -> None:
