@@ -353,10 +353,11 @@ def test_zero_stage_trains_saves_resumes_and_exports(tiny_dataset, tmp_path, sta
 
 @pytest.mark.slow
 def test_bitwise_resume_after_kill9(tiny_dataset, tmp_path):
-    """2N steps uninterrupted == N steps + kill -9 (after the checkpoint at N) + resume + N steps."""
+    """2N steps uninterrupted == N steps + kill -9 (after the checkpoint at N) + resume + N steps; the
+    power-function EMAs and their snapshots too (every 64 images = every second step)."""
     n = 5
     common = ["--max-steps", 2 * n, "--checkpoint-every", n, "--ema-rates", "[0.9, 0.999]", "--grad-accum", 2,
-              "--warmup-images", 64, "--num-workers", 2, "--log-every", 1]
+              "--warmup-images", 64, "--num-workers", 2, "--log-every", 1, "--snapshot-every-images", 64]
     a, b = tmp_path / "a", tmp_path / "b"
     p = torchrun(train_args(tiny_dataset, a, *common))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -370,6 +371,15 @@ def test_bitwise_resume_after_kill9(tiny_dataset, tmp_path):
     ea, eb = ema_weights(a, 2 * n), ema_weights(b, 2 * n)
     for rate in ea:
         assert_same(ea[rate], eb[rate])
+    from latentdiff.training.ema import PowerEMA, consolidate
+
+    pa, pb = (consolidate(r / "checkpoints" / f"step_{2 * n:08d}", stem=PowerEMA.STEM) for r in (a, b))
+    assert sorted(pa) == [0.05, 0.1]
+    for s in pa:
+        assert_same(pa[s], pb[s])
+    snaps = {r: {p.name: p.read_bytes() for p in (r / "ema_snapshots").glob("snap_*.safetensors")} for r in (a, b)}
+    assert sorted(snaps[a]) == [f"snap_{i:012d}.safetensors" for i in (64, 128, 192, 256, 320)]
+    assert snaps[a] == snaps[b]
     # optimizer moments too (the next step would differ otherwise): compare the raw optimizer files
     for f in sorted((a / "checkpoints" / f"step_{2 * n:08d}").glob("*optim_states.pt")):
         sa = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]

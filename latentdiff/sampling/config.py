@@ -50,7 +50,8 @@ class SampleConfig:
     guidance_interval: str | None = field(default=None, metadata=_help(
         "sigma_lo,sigma_hi: guide only inside this interval"))
     class_label: int | None = field(default=None, metadata=_help("one class for every image (not given: drawn per seed)"))
-    weights: str = field(default="ema", metadata=_help("ema (largest rate), an EMA rate such as 0.9999, or raw"))
+    weights: str = field(default="ema", metadata=_help("ema (largest rate), an EMA rate such as 0.9999, "
+                                                       "phema-<sigma_rel> such as phema-0.1 (power EMA), or raw"))
     vae: str | None = field(default=None, metadata=_help(
         "load the export's VAE from this directory (its sha256 is still checked)"))
     s_churn: float | None = field(default=None, metadata=_help("edm-stochastic: S_churn (edm.txt Alg. 2; 0 when not given)"))
