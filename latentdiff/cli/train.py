@@ -19,7 +19,7 @@ import deepspeed
 
 from latentdiff.training.checkpoint import find_latest
 from latentdiff.training.config import TrainConfig
-from latentdiff.training.engine import build_ds_config
+from latentdiff.training.engine import build_ds_config, check_precision_supported
 from latentdiff.training.export import export_checkpoint
 from latentdiff.training.signals import install_signal_handlers
 from latentdiff.training.trainer import Trainer
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     try:
         cfg = config_from_args(TrainConfig, args).validate(world)  # before any process group starts
         ds_config = _read_ds_config(getattr(args, "deepspeed_config", None))
-        build_ds_config(cfg, ds_config, world)  # a conflicting batch size is refused here, not on every rank
+        # a conflicting batch size or an unsupported precision is refused here, not on every rank
+        check_precision_supported(build_ds_config(cfg, ds_config, world))
     except ConfigError as e:
         print(f"latentdiff-train: {e}", file=sys.stderr)
         return 2

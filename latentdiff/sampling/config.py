@@ -29,8 +29,13 @@ class SampleConfig:
         "a local diffusers UNet2DModel (epsilon-prediction DDPM) or pipeline directory, instead of --export"))
     out: str | None = field(default=None, metadata=_help("output directory (required; resumable)"))
     seeds: str = field(default="0-63", metadata=_help("seed list/ranges, e.g. 0-49999 (one image per seed)"))
-    batch: int = field(default=64, metadata=_help("images per network forward per rank (fixed forward shape)"))
-    decode_batch: int = field(default=8, metadata=_help("latents per VAE decode (fixed decode shape)"))
+    batch: int = field(default=64, metadata=_help(
+        "images sampled per step per rank (memory and overlap only: the images do not depend on it)"))
+    decode_batch: int = field(default=8, metadata=_help(
+        "latents handed to the VAE per call (memory only: the images do not depend on it)"))
+    micro_batch: int = field(default=8, metadata=_help(
+        "rows of every solver run, network forward and VAE decode: the fixed kernel shapes (the images depend on "
+        "it, never on --batch, --decode-batch or the number of ranks)"))
     solver: str = field(default=DEFAULT_SAMPLER, metadata=_help(f"ODE solver: {', '.join(SAMPLERS)}"))
     nfe: int = field(default=35, metadata=_help("denoiser evaluations per image (budget, never exceeded)"))
     steps: int | None = field(default=None, metadata=_help(
@@ -70,7 +75,7 @@ class SampleConfig:
             raise SampleError("--out DIR is required (the output directory)")
         if self.solver not in SAMPLERS:
             raise SampleError(f"--solver {self.solver!r}: choose one of {', '.join(SAMPLERS)}")
-        for name in ("batch", "decode_batch"):
+        for name in ("batch", "decode_batch", "micro_batch"):
             if getattr(self, name) < 1:
                 raise SampleError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.steps is None and self.nfe < 1:
