@@ -70,7 +70,8 @@ def main(argv=None) -> int:
         ds_config = _read_ds_config(getattr(args, "deepspeed_config", None))
         build_ds_config(cfg, ds_config, world)  # a conflicting batch size is refused here, not on every rank
     except ConfigError as e:
-        print(f"latentdiff-train: {e}", file=sys.stderr)
+        if ldist.env_local_rank() == 0:  # every rank of a node validates the same arguments: say it once
+            print(f"latentdiff-train: {e}", file=sys.stderr)
         return 2
     install_signal_handlers()  # before the (slow) setup, so a preemption signal is never lost
     try:
@@ -81,16 +82,18 @@ def main(argv=None) -> int:
             _finish(trainer, result)
         ldist.barrier()
     except LatentdiffError as e:
-        print(f"latentdiff-train (rank {ldist.get_rank()}): {e}", file=sys.stderr, flush=True)
-        ldist.destroy()
+        # no barrier, no destroy(): another rank may be inside a training collective (see run_entry_point)
+        if ldist.get_rank() == 0 or not getattr(e, "every_rank", False):  # an error all ranks raise: once
+            print(f"latentdiff-train (rank {ldist.get_rank()}): {e}", file=sys.stderr, flush=True)
         return 2
     ldist.destroy()
     return 0
 
 
 def cli() -> None:
-    """Console-script entry point: ``main`` then a hard exit (see ``latentdiff.utils.dist.hard_exit``)."""
-    ldist.hard_exit(main())
+    """Console-script entry point: ``main``, then an immediate exit with its code, also after an error
+    (see ``latentdiff.utils.dist.run_entry_point``): an error on one rank ends the whole job at once."""
+    ldist.run_entry_point(main, "latentdiff-train")
 
 
 if __name__ == "__main__":

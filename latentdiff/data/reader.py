@@ -132,7 +132,7 @@ def verify_dataset(root: str | Path, manifest: DatasetManifest | None = None, *,
             f"{len(bad)} shard(s) of {root} disagree with {root / MANIFEST_NAME}: " + "; ".join(bad[:10])
             + ". Restore the files or re-encode (delete the bad shards and their .stats.npz sidecars, "
             "then re-run the same tools/encode_latents.py command)"
-        )
+        ).on_every_rank()
     stats_path = root / "stats.json"
     if stats_path.is_file():
         sh = json.loads(stats_path.read_text()).get("shards_hash")
@@ -140,7 +140,7 @@ def verify_dataset(root: str | Path, manifest: DatasetManifest | None = None, *,
             raise DataError(
                 f"{stats_path}: shards_hash {sh} does not match dataset.json ({manifest.shards_hash}); "
                 f"recompute the statistics with tools/dataset_stats.py {root} --write"
-            )
+            ).on_every_rank()
     return {"checked": len(mine), "mode": mode}
 
 
@@ -172,7 +172,8 @@ def _decode(smp):
     except KeyError as exn:
         raise DataError(f"shard {url}: sample {smp.get('__key__')!r} lacks member {exn}; re-encode the shard") from exn
     except Exception as exn:  # noqa: BLE001
-        raise DataError(f"shard {url}: sample {smp.get('__key__')!r} cannot be decoded ({type(exn).__name__}: {exn})") from exn
+        raise DataError(f"shard {url}: sample {smp.get('__key__')!r} cannot be decoded ({type(exn).__name__}: {exn}); "
+                        "the shard is corrupt: restore it or re-encode it") from exn
     return mean, std, label, smp["__key__"]
 
 
