@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -102,3 +103,32 @@ def test_an_error_on_one_rank_ends_the_job_within_seconds(tiny_dataset, tmp_path
     assert len(lines) == 1, f"the error should be shown once, got {len(lines)}:\n" + text[-4000:]
     assert "re-encode" in lines[0], lines[0]
     assert not re.search(r"\[rank\d\]: Traceback", text), text[-4000:]  # the other rank: one line, no traceback
+
+
+@pytest.mark.slow
+def test_ranks_exit_when_their_launcher_is_killed(tiny_dataset, tmp_path):
+    """SIGKILL to the launcher's process group (the ranks live in sessions of their own): the ranks end."""
+    log = tmp_path / "job.log"
+    cmd = _train_cmd(tiny_dataset, tmp_path / "run", "--duration-images", 10**7, "--checkpoint-every", 10**6)
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    ranks = []
+    try:
+        t0 = time.monotonic()
+        while "train:" not in log.read_text(errors="replace"):  # both ranks are past setup, training
+            assert p.poll() is None and time.monotonic() - t0 < 600, log.read_text(errors="replace")[-4000:]
+            time.sleep(0.5)
+        ranks = [q for q in psutil.Process(p.pid).children(recursive=True) if "latentdiff.train" in " ".join(q.cmdline())]
+        assert len(ranks) == 2 and all(os.getsid(q.pid) != os.getsid(p.pid) for q in ranks)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        _, alive = psutil.wait_procs(ranks, timeout=30)
+        assert not alive, f"ranks {[q.pid for q in alive]} outlived their launcher:\n" + log.read_text()[-3000:]
+        assert "the launcher (pid" in log.read_text()  # (the other rank may end first through a failed collective)
+    finally:
+        for q in ranks:
+            try:
+                q.kill()
+            except psutil.NoSuchProcess:
+                pass
+        _kill_tree(p.pid)

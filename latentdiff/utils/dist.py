@@ -209,10 +209,14 @@ def run_entry_point(main, prog: str) -> None:
     No barrier and no teardown of the process group after an error: another rank may be inside a
     collective that will never complete, so a barrier would wait for ``comm_timeout_minutes``.  The
     process exits at once (non-zero); the launcher (torchrun, deepspeed, srun) sees it and ends the
-    other ranks, whose collectives fail when this rank's connections close.  A rank whose collective
+    other ranks, whose collectives fail when this rank's connections close.  A launched rank also ends
+    when its launcher dies (:func:`latentdiff.utils.orphans.exit_with_launcher`).  A rank whose collective
     failed that way prints one line pointing at the failed rank's error instead of a traceback, so the
     error is shown once; any other exception keeps its traceback.
     """
+    from latentdiff.utils.orphans import exit_with_launcher
+
+    exit_with_launcher(prog)  # a rank whose launcher was killed ends too
     try:
         rc = main()
     except SystemExit as exn:  # argparse --help / usage errors
