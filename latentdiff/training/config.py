@@ -26,7 +26,7 @@ NORMALIZATIONS = ("sd", "channel")
 NOISES = ("wsnr", "edm", "vp", "ve")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESUME_MODES = ("auto", "never", "must")
-VERIFY_MODES = ("sha256", "size", "none")
+VERIFY_MODES = ("sample", "sha256", "size", "none")
 
 
 def _opt(default, help: str):
@@ -93,7 +93,8 @@ class TrainConfig:
     seed: int = _opt(0, "seed of the initial weights, the data order and every random draw")
     num_workers: int = _opt(2, "DataLoader worker processes per rank")
     shuffle_buffer: int = _opt(1000, "samples in each reader's shuffle buffer")
-    verify_shards: str = _opt("size", "check the shards against dataset.json at start: sha256 | size | none")
+    verify_shards: str = _opt("sample", "sample (sizes at start, every sample's checksum as it is read) | sha256 (whole "
+                              "files at start) | size | none")
     resume: str = _opt("auto", "auto (from the latest checkpoint, if any) | never | must")
     force_resume: bool = _opt(False, "resume although fields that matter changed (the difference is logged)")
     comm_timeout_minutes: float = _opt(30.0, "timeout of the collectives, in minutes")
