@@ -42,7 +42,17 @@ class TrainConfig:
     ALIASES: ClassVar[dict] = {"learning_rate": "lr", "batch_size": "micro_batch", "micro_batch_size": "micro_batch",
                                "gradient_accumulation_steps": "grad_accum", "ema_decay": "ema_rates",
                                "ema_rate": "ema_rates", "steps": "max_steps", "total_images": "duration_images",
-                               "warmup": "warmup_images", "output_dir": "run_dir", "data": "dataset"}
+                               "warmup": "warmup_images", "output_dir": "run_dir", "data": "dataset",
+                               "epochs": "duration_images", "num_epochs": "duration_images",
+                               "max_epochs": "duration_images", "train_steps": "max_steps",
+                               "warmup_steps": "warmup_images", "batch": "micro_batch",
+                               "train_batch_size": "global_batch", "global_batch_size": "global_batch",
+                               "max_grad_norm": "grad_clip", "gradient_clipping": "grad_clip",
+                               "clip_grad_norm": "grad_clip", "save_every": "checkpoint_every",
+                               "checkpoint_interval": "checkpoint_every", "log_interval": "log_every",
+                               "workers": "num_workers", "dataloader_workers": "num_workers",
+                               "mixed_precision": "precision", "dtype": "precision", "ema": "ema_rates",
+                               "arch": "model", "architecture": "model", "output": "run_dir"}
 
     # where -----------------------------------------------------------------------------------
     run_dir: str = _opt("runs/run", "run directory: checkpoints/, export/, tb/, samples/ and config.json go here")
