@@ -57,3 +57,38 @@ def test_names_from_other_trainers_suggest_the_field_they_stand_for():
     for wrong, right in (("learning_rate", "lr"), ("epochs", "duration_images"), ("max_grad_norm", "grad_clip"),
                          ("save_every", "checkpoint_every"), ("workers", "num_workers")):
         assert f"{wrong} (did you mean {right}?)" in msg, msg
+
+
+def test_torch_extensions_go_into_the_environment_and_the_first_build_is_announced(tmp_path, monkeypatch):
+    from latentdiff.training import runtime
+
+    venv = tmp_path / "venv"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(runtime.sys, "prefix", str(venv))
+    monkeypatch.setattr(runtime.sys, "base_prefix", "/usr")
+    notes = []
+    root = runtime.use_environment_extensions_dir(log=notes.append)
+    assert root == venv / "torch_extensions" and runtime.os.environ["TORCH_EXTENSIONS_DIR"] == str(root)
+    assert len(notes) == 1 and "builds DeepSpeed's CPU communication op" in notes[0] and str(root) in notes[0]
+    op = root / "py311_cpu" / "deepspeed_shm_comm"
+    op.mkdir(parents=True)
+    (op / "deepspeed_shm_comm.so").write_bytes(b"")
+    runtime.use_environment_extensions_dir(log=notes.append)
+    assert len(notes) == 1  # built: nothing to say
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))  # a user's choice is kept
+    assert runtime.use_environment_extensions_dir() == tmp_path / "mine"
+
+
+def test_deepspeed_collective_deprecations_are_filtered_and_nothing_else():
+    import warnings
+
+    from latentdiff.training.runtime import quiet_deepspeed_deprecations
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_deepspeed_deprecations()
+        for _ in range(4):
+            warnings.warn("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use "
+                          "`torch.distributed.reduce_scatter_single` instead.", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in seen] == ["something else is deprecated"]

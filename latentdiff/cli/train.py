@@ -21,6 +21,7 @@ from latentdiff.training.checkpoint import find_latest
 from latentdiff.training.config import TrainConfig
 from latentdiff.training.engine import build_ds_config
 from latentdiff.training.export import export_checkpoint
+from latentdiff.training.runtime import quiet_deepspeed_deprecations, use_environment_extensions_dir
 from latentdiff.training.signals import install_signal_handlers
 from latentdiff.training.trainer import Trainer
 from latentdiff.utils import dist as ldist
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
             print(f"latentdiff-train: {e}", file=sys.stderr)
         return 2
     install_signal_handlers()  # before the (slow) setup, so a preemption signal is never lost
+    use_environment_extensions_dir(log=(lambda m: print(m, flush=True)) if ldist.env_rank() == 0 else None)
+    quiet_deepspeed_deprecations()
     try:
         ldist.init_distributed(cfg.comm_timeout_minutes, single_process_group=True)
         trainer = Trainer(cfg, ds_config, log=lambda m: print(m, flush=True) if ldist.is_main() else None)
