@@ -27,7 +27,7 @@ NORMALIZATIONS = ("sd", "channel")
 NOISES = ("wsnr", "edm", "vp", "ve")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESUME_MODES = ("auto", "never", "must")
-VERIFY_MODES = ("sha256", "size", "none")
+VERIFY_MODES = ("sample", "sha256", "size", "none")
 SNAPSHOT_DTYPES = ("fp16", "fp32")
 
 
@@ -44,7 +44,17 @@ class TrainConfig:
     ALIASES: ClassVar[dict] = {"learning_rate": "lr", "batch_size": "micro_batch", "micro_batch_size": "micro_batch",
                                "gradient_accumulation_steps": "grad_accum", "ema_decay": "ema_rates",
                                "ema_rate": "ema_rates", "steps": "max_steps", "total_images": "duration_images",
-                               "warmup": "warmup_images", "output_dir": "run_dir", "data": "dataset"}
+                               "warmup": "warmup_images", "output_dir": "run_dir", "data": "dataset",
+                               "epochs": "duration_images", "num_epochs": "duration_images",
+                               "max_epochs": "duration_images", "train_steps": "max_steps",
+                               "warmup_steps": "warmup_images", "batch": "micro_batch",
+                               "train_batch_size": "global_batch", "global_batch_size": "global_batch",
+                               "max_grad_norm": "grad_clip", "gradient_clipping": "grad_clip",
+                               "clip_grad_norm": "grad_clip", "save_every": "checkpoint_every",
+                               "checkpoint_interval": "checkpoint_every", "log_interval": "log_every",
+                               "workers": "num_workers", "dataloader_workers": "num_workers",
+                               "mixed_precision": "precision", "dtype": "precision", "ema": "ema_rates",
+                               "arch": "model", "architecture": "model", "output": "run_dir"}
 
     # where -----------------------------------------------------------------------------------
     run_dir: str = _opt("runs/run", "run directory: checkpoints/, export/, tb/, samples/ and config.json go here")
@@ -101,7 +111,8 @@ class TrainConfig:
     seed: int = _opt(0, "seed of the initial weights, the data order and every random draw")
     num_workers: int = _opt(2, "DataLoader worker processes per rank")
     shuffle_buffer: int = _opt(1000, "samples in each reader's shuffle buffer")
-    verify_shards: str = _opt("size", "check the shards against dataset.json at start: sha256 | size | none")
+    verify_shards: str = _opt("sample", "sample (sizes at start, every sample's checksum as it is read) | sha256 (whole "
+                              "files at start) | size | none")
     resume: str = _opt("auto", "auto (from the latest checkpoint, if any) | never | must")
     force_resume: bool = _opt(False, "resume although fields that matter changed (the difference is logged)")
     comm_timeout_minutes: float = _opt(30.0, "timeout of the collectives, in minutes")

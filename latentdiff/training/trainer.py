@@ -97,6 +97,8 @@ class Trainer:
         )
         for problem in self.data.problems:
             self.log(f"warning: {problem}")
+        for note in self.data.notes:
+            self.log(f"note: {note}")
         self.resolved = cfg.to_dict()
         self.preview = SamplePreview(
             self.run_dir, self.manifest.vae, self.norm, self.sample_shape, self.num_classes,
