@@ -132,12 +132,15 @@ def _fid(g: torch.Tensor, r: torch.Tensor) -> float:
     return frechet_distance(mg, sg, mr, sr)
 
 
+def _check_same_resolution(gen, ref) -> None:
+    if tuple(gen) != tuple(ref):
+        raise FIDError(f"the samples are {gen[0]}x{gen[1]} but the reference is {ref[0]}x{ref[1]}: compare images of "
+                       "one resolution (re-sample, or build the reference at the samples' resolution)")
+
+
 def compare(gen: SetStatistics, ref: SetStatistics, s: EvalSettings) -> dict:
     """Every requested metric of ``gen`` against ``ref`` (both collected with settings ``s``)."""
-    if tuple(gen.resolution) != tuple(ref.resolution):
-        raise FIDError(f"the samples are {gen.resolution[0]}x{gen.resolution[1]} but the reference is "
-                       f"{ref.resolution[0]}x{ref.resolution[1]}: compare images of one resolution (re-sample, or "
-                       "build the reference at the samples' resolution)")
+    _check_same_resolution(gen.resolution, ref.resolution)
     out: dict = {}
     if "fwd" in s.metrics:
         value, per = fwd_from_statistics(gen.fwd_mu, gen.fwd_sigma, ref.fwd_mu, ref.fwd_sigma)
@@ -176,6 +179,7 @@ def evaluate(samples, reference, s: EvalSettings, *, inception=None, batch_size:
     or :class:`SetStatistics`); ``save_reference(stats)`` is called on rank 0 with the reference's
     statistics when it was computed here."""
     where = getattr(samples, "description", "samples")
+    _check_same_resolution(samples.resolution, reference.resolution)
     check_geometry(samples.resolution, s, where)
     check_counts(len(samples), samples.resolution, s, where)
     extractors = make_extractors(s, inception)
