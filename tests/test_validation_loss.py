@@ -75,3 +75,28 @@ def test_trainer_reports_the_validation_loss_overall_and_per_sigma_bin(tiny_data
         bins = [t for t in tb if t.startswith(f"val_per_sigma/{name}_bin")]
         assert len(bins) >= 4  # 24 sigmas over the log-normal fill most of the 8 bins
         assert all(math.isfinite(v) and v > 0 for _, v in tb[f"val/{name}"])
+
+
+@pytest.mark.slow
+def test_trainer_evaluates_sample_quality_and_writes_eval_jsonl(tiny_dataset, tmp_path):
+    import json
+
+    from test_train import _tb_scalars, torchrun, train_args
+
+    run = tmp_path / "run"
+    args = train_args(tiny_dataset, run, "--max-steps", 2, "--checkpoint-every", 2, "--ema-rates", "[0.5]",
+                      "--val-dataset", tiny_dataset, "--val-samples", 16, "--val-every", 2, "--eval-every", 2,
+                      "--eval-samples", 64, "--sample-nfe", 4)
+    p = torchrun(args, nproc=1)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    log = p.stdout + p.stderr
+    assert "too few for swd (needs 128); left out" in log and "s generating" in log
+    (line,) = (run / "eval.jsonl").read_text().splitlines()
+    rec = json.loads(line)
+    assert rec["step"] == 2 and rec["samples"] == 64 and rec["nfe"] == 4
+    assert set(rec["metrics"]) == {"fwd", "kid_pixels", "pr_pixels", "kid_wavelet", "pr_wavelet"}
+    assert rec["metrics"]["kid_pixels"]["subset_size"] == 32 and rec["reference"]["type"] == "encoded dataset"
+    assert rec["validation"]["raw"]["n"] == 16 and set(rec["seconds"]) == {"generate", "decode", "metrics"}
+    tb = _tb_scalars(run)
+    assert tb["eval/fwd"][0][0] == 2 and tb["eval/fwd"][0][1] == pytest.approx(rec["metrics"]["fwd"]["value"], rel=1e-6)
+    assert "eval/pr_wavelet_recall" in tb and "eval/seconds" in tb

@@ -29,14 +29,18 @@ __all__ = ["EncodedDatasetImages", "open_reference", "samples_source"]
 
 
 class EncodedDatasetImages(ImageSource):
-    """The images of an encoded dataset, decoded through its VAE on demand (module docstring)."""
+    """The images of an encoded dataset, decoded through its VAE on demand (module docstring); ``limit``:
+    only the first images by key."""
 
-    def __init__(self, root: str | Path, *, device="cpu", vae_path=None, decode_batch: int = 16):
+    def __init__(self, root: str | Path, *, device="cpu", vae_path=None, decode_batch: int = 16, autoencoder=None,
+                 limit: int | None = None):
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
         self.description = str(self.root)
         keys, means = [], []
-        for s in self.manifest.shards:
+        for s in self.manifest.shards:  # shards hold consecutive image indices: stop once ``limit`` are read
+            if limit is not None and len(keys) >= limit:
+                break
             samples, _, _ = read_shard_verified(self.root / s.name, s.name, keep=("mean.npy",))
             for smp in samples:
                 if smp["__key__"].endswith("-flip"):
@@ -45,10 +49,11 @@ class EncodedDatasetImages(ImageSource):
                 means.append(npy_load(smp["mean.npy"]))
         if not means:
             raise FIDError(f"{self.root}: the encoded dataset holds no image")
-        order = np.argsort(keys, kind="stable")
+        order = np.argsort(keys, kind="stable")[:limit]
         self.keys = [keys[i] for i in order]
         self.means = np.stack([means[i] for i in order])  # float16, raw VAE space
-        self.autoencoder = load_vae_for(self.manifest.vae, device, path=vae_path)
+        # ``autoencoder``: one already loaded for this dataset's VAE (the trainer's, loaded once per run)
+        self.autoencoder = autoencoder if autoencoder is not None else load_vae_for(self.manifest.vae, device, path=vae_path)
         self.normalization = Normalization.identity(self.means.shape[1])
         self.decode_batch = int(decode_batch)
         res = int(self.manifest.resolution)

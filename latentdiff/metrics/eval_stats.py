@@ -103,14 +103,14 @@ def _ordered(parts: list, key: str, per_item: int = 1):
     return np.sort(idx), data
 
 
-def _gather(p: _Pass) -> tuple[dict, list, int]:
+def _gather(p: _Pass, distributed: bool = True) -> tuple[dict, list, int]:
     """Features and descriptors of all ranks, in global image order, on every rank."""
     mine = {"feat_idx": p.indices, "swd_idx": p.swd_idx}
     for name, rows in p.feats.items():
         mine[f"f:{name}_idx"], mine[f"f:{name}"] = p.indices, rows
     for lvl, rows in enumerate(p.desc):
         mine[f"d:{lvl}_idx"], mine[f"d:{lvl}"] = p.swd_idx, rows
-    parts = ldist.all_gather_object(mine) if several_ranks() else [mine]
+    parts = ldist.all_gather_object(mine) if distributed and several_ranks() else [mine]
     feats = {name: _ordered(parts, f"f:{name}")[1] for name in p.feats}
     k = p.swd.patches_per_image if p.swd is not None else 1
     desc = [_ordered(parts, f"d:{lvl}", k)[1] for lvl in range(len(p.desc))]
@@ -119,14 +119,18 @@ def _gather(p: _Pass) -> tuple[dict, list, int]:
 
 
 def collect_statistics(images, extractors: dict, *, fwd_level: int | None, swd: SWDSettings | None,
-                       batch_size: int = 64, progress: bool = True, desc: str = "metrics") -> SetStatistics:
+                       batch_size: int = 64, progress: bool = True, desc: str = "metrics",
+                       distributed: bool = True) -> SetStatistics:
     """Every statistic of ``images`` (an :class:`~latentdiff.metrics.image_sources.ImageSource`, the
-    global set) in one pass; every rank must call this and gets the same result."""
-    rank, world = (ldist.get_rank(), ldist.get_world_size()) if several_ranks() else (0, 1)
+    global set) in one pass; every rank must call this and gets the same result.  ``distributed=False``:
+    this process alone reads every image (no collective; e.g. rank 0's evaluation during training)."""
+    spread = distributed and several_ranks()
+    rank, world = (ldist.get_rank(), ldist.get_world_size()) if spread else (0, 1)
     resolution = tuple(images.resolution)
     p = _Pass(extractors, fwd_level, swd, resolution)
     local = list(range(rank, len(images), world))
-    bar = tqdm(total=len(local), unit="img", desc=desc, disable=not (progress and rank == 0), dynamic_ncols=True)
+    bar = tqdm(total=len(local), unit="img", desc=desc, disable=not (progress and ldist.get_rank() == 0),
+               dynamic_ncols=True)
     error = None
     try:
         for start in range(0, len(local), batch_size):
@@ -137,14 +141,18 @@ def collect_statistics(images, extractors: dict, *, fwd_level: int | None, swd: 
         error = e
     finally:
         bar.close()
-    _agree_on_failure(error, rank)
+    if spread:
+        _agree_on_failure(error, rank)
+    elif error is not None:
+        raise error
     stats = SetStatistics(n=len(images), resolution=resolution, swd=swd,
                           extractors={k: ex.describe() for k, ex in extractors.items()})
     if p.acc is not None:
-        p.acc.all_reduce()
+        if spread:
+            p.acc.all_reduce()
         stats.fwd_level = fwd_level
         stats.fwd_mu, stats.fwd_sigma, _ = p.acc.statistics()
-    stats.features, stats.swd_descriptors, stats.swd_images = _gather(p)
+    stats.features, stats.swd_descriptors, stats.swd_images = _gather(p, spread)
     return stats
 
 
