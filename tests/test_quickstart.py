@@ -46,3 +46,13 @@ def test_quickstart_small(tmp_path):
     assert math.isclose(r["sigma_data"], second, rel_tol=1e-9)
     md = (out / "report.md").read_text()
     assert f"{r['sigma_max_data']:.3f}" in md and "samples.png" in md
+    # issue 15: metrics of the samples vs the held-out split, between the floor (training data) and the
+    # ceiling (uniform noise); the trainer found the split and logged the held-out loss
+    q = r["quality"]
+    assert set(q) == {"floor", "samples", "ceiling"} and (out / "data" / "val" / "split.json").is_file()
+    for key in ("fwd", "kid_wavelet", "kid_pixels"):
+        value = (lambda m: m["value"] if "value" in m else m["kid"])
+        assert value(q["ceiling"][key]) > value(q["floor"][key]), key
+    assert q["ceiling"]["pr_pixels"]["precision"] < q["floor"]["pr_pixels"]["precision"]
+    assert r["validation_loss"] and all(math.isfinite(v) for v in r["validation_loss"].values())
+    assert "Sample quality against the held-out split" in md and "uniform noise (ceiling)" in md

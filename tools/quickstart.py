@@ -13,8 +13,11 @@ Steps (each one is the real command a user would run):
    noise schedule (tensorboard logs in quickstart/run/tb);
 5. ``latentdiff-export`` (automatic at the end of training) and ``latentdiff.sample`` with the
    NFE-guided hybrid sampler and the data-driven sigma_max;
-6. ``tools/bench/sampler_accuracy.py`` (ideal-denoiser benchmark, small);
-7. ``quickstart/report.md`` linking everything with the numbers.
+6. ``latentdiff.eval`` (FWD, SWD, KID, precision/recall; no network) of the samples against the held-out
+   validation split (``--val-fraction`` at encode time), next to the same metrics for training images
+   (the floor) and for uniform noise (the ceiling);
+7. ``tools/bench/sampler_accuracy.py`` (ideal-denoiser benchmark, small);
+8. ``quickstart/report.md`` linking everything with the numbers.
 
 Why pixel space by default: no pretrained VAE can be downloaded here, and a randomly initialized
 VAE decodes to noise, so latent samples would be meaningless.  Pixel space (``--vae none``) with the
@@ -88,6 +91,10 @@ def data_grid(dataset: Path, out_png: Path, n: int = 64) -> None:
     Image.fromarray(image_grid(imgs).permute(1, 2, 0).numpy()).save(out_png)
 
 
+def _last_scalars(ea, prefix: str) -> dict:
+    return {t[len(prefix):]: ea.Scalars(t)[-1].value for t in ea.Tags()["scalars"] if t.startswith(prefix)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="quickstart", help="output directory")
@@ -97,7 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=32_000, help="training duration in images (~1000 steps of 2 x 16)")
     p.add_argument("--nproc", type=int, default=2, help="local ranks (DeepSpeed ZeRO-2)")
     p.add_argument("--nfe", type=int, default=35)
-    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--samples", type=int, default=128, help="generated images (also the size of the metric sets)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out validation split of the crops")
     p.add_argument("--small", action="store_true", help="reduced sizes for the test suite (same code path)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -123,7 +131,7 @@ def main(argv=None) -> int:
     data = out / "data"
     sh([py, "tools/encode_latents.py", "--input", images, "--output", data, "--resolution", args.resolution,
         "--vae", args.vae, "--shard-size", 32 if args.small else 64, "--batch-size", 32, "--workers", 1, "--flip",
-        "--no-progress"], log, env, "encode")
+        "--val-fraction", args.val_fraction, "--no-progress"], log, env, "encode")
     data_grid(data, out / "training_data.png")
     # 3. figures
     sh([py, "tools/plot_schedules.py", "--dataset", data, "--normalization", "sd", "--photos", "--resolutions", args.resolution, 64,
@@ -149,20 +157,78 @@ def main(argv=None) -> int:
         "--solver", "nfe-guided", "--nfe", args.nfe, "--sigma-max", "data", "--batch", 32, "--no-progress"],
        log, env, "sample (NFE-guided hybrid)")
     shutil.copy(samples / "grid.png", out / "samples.png")
-    # 6. sampler benchmark (ideal denoiser)
+    # 6. sample quality against the held-out split, with the floor (training data) and the ceiling (noise)
+    quality = measure_quality(out, data, samples, args.samples, log, env)
+    # 7. sampler benchmark (ideal denoiser)
     bench = out / "sampler_benchmark"
     sh([py, "tools/bench/sampler_accuracy.py", "--out", bench, "--num", 120 if args.small else 300,
         "--resolution", 16, "--samples", 16 if args.small else 32, "--ref-steps", 128 if args.small else 256,
         "--nfe", *((7, 15, 35) if args.small else (7, 11, 15, 19, 23, 27, 35, 51, 79))], log, env, "sampler benchmark")
-    # 7. report
-    report = write_report(out, data, run, export, samples, bench, time.time() - t0, args)
+    # 8. report
+    report = write_report(out, data, run, export, samples, bench, quality, time.time() - t0, args)
     print(report)
     print(f"[quickstart] finished in {time.time() - t0:.0f}s: see {out / 'report.md'}; "
           f"tensorboard --logdir {run / 'tb'}", flush=True)
     return 0
 
 
-def write_report(out, data, run, export, samples, bench, seconds, args) -> str:
+QUALITY_SETS = (("floor", "training data (floor)"), ("samples", "model samples"), ("ceiling", "uniform noise (ceiling)"))
+
+
+def _write_pngs(folder: Path, images) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def measure_quality(out: Path, data: Path, samples: Path, n: int, log: Path, env) -> dict:
+    """``latentdiff.eval`` of the samples, of ``n`` training images and of ``n`` noise images vs ``data/val``."""
+    import torch
+
+    from latentdiff.metrics.eval_sources import EncodedDatasetImages
+
+    q = out / "quality"
+    train = EncodedDatasetImages(data, limit=n)
+    floor = _write_pngs(q / "training_data", train.batch(list(range(min(n, len(train))))))
+    g = torch.Generator().manual_seed(0)
+    res = train.resolution
+    noise = _write_pngs(q / "noise", torch.randint(0, 256, (n, 3, *res), generator=g, dtype=torch.uint8))
+    n_val = load_manifest(data / "val").num_images
+    m = min(n, n_val)
+    metrics = "fwd,swd,kid,pr" if m >= 128 else "fwd,kid,pr"
+    flags = ["--ref", data / "val", "--metrics", metrics, "--kid-subset-size", max(2, m // 2), "--kid-subsets", 50,
+             "--inception", "off", "--no-progress"]
+    results = {}
+    for key, src in (("floor", floor), ("samples", samples), ("ceiling", noise)):
+        sh([sys.executable, "-m", "latentdiff.eval", src, *flags, "--out", q / f"{key}.json"], log, env, f"metrics: {key}")
+        results[key] = json.loads((q / f"{key}.json").read_text())["metrics"]
+    return results
+
+
+def _quality_rows(quality: dict) -> list[tuple[str, list]]:
+    rows = []
+    first = quality["samples"]
+    for key, m in first.items():
+        if key == "fwd":
+            rows.append(("FWD (Haar, level 4)", [quality[s][key]["value"] for s, _ in QUALITY_SETS]))
+        elif key == "swd":
+            rows.append(("SWD x1e3 (average over levels)", [quality[s][key]["value"] for s, _ in QUALITY_SETS]))
+        elif key.startswith("kid_"):
+            rows.append((f"KID ({key[4:]} features)", [quality[s][key]["kid"] for s, _ in QUALITY_SETS]))
+        elif key.startswith("pr_"):
+            rows.append((f"precision ({key[3:]} features)", [quality[s][key]["precision"] for s, _ in QUALITY_SETS]))
+            rows.append((f"recall ({key[3:]} features)", [quality[s][key]["recall"] for s, _ in QUALITY_SETS]))
+    return rows
+
+
+def quality_table(quality: dict) -> str:
+    head = "| metric (vs the held-out split) | " + " | ".join(t for _, t in QUALITY_SETS) + " |\n|---|---|---|---|\n"
+    return head + "".join(f"| {name} | " + " | ".join(f"{v:.4g}" for v in vals) + " |\n"
+                          for name, vals in _quality_rows(quality))
+
+
+def write_report(out, data, run, export, samples, bench, quality, seconds, args) -> str:
     meta = json.loads((export / "model.json").read_text())
     sched = meta["schedule"]
     sampling = json.loads((samples / "sampling.json").read_text())
@@ -188,6 +254,8 @@ def write_report(out, data, run, export, samples, bench, seconds, args) -> str:
         "seconds": seconds,
         "vae": meta["vae"] if isinstance(meta["vae"], str) else meta["vae"].get("id"),
         "steps": meta["step"],
+        "quality": quality,
+        "validation_loss": _last_scalars(ea, "val/"),
     }
     (out / "report.json").write_text(json.dumps(summary, indent=1))
     bench_table = (bench / "table.md").read_text()
@@ -213,6 +281,14 @@ Figures (wsnr.txt Fig. 1, 2, 6 for these statistics): [sigma densities](figures/
 
 Tensorboard: `tensorboard --logdir {run / 'tb'}`. Export: `{export}`. Samples: `{samples}` (PNG + samples.npz + sampling.json).
 
+## Sample quality against the held-out split (no network)
+
+`latentdiff.eval` ({len(quality['samples'])} metrics; `quality/*.json`): the model's {args.samples} samples next to
+{args.samples} training images (the floor: what a perfect model would score) and {args.samples} uniform-noise images (the
+ceiling). Pixel/wavelet metrics are not comparable with published FIDs. Held-out EDM loss at the end of training
+(fixed triples): {', '.join(f"{k} {v:.4f}" for k, v in summary['validation_loss'].items()) or 'n/a'}.
+
+{quality_table(quality)}
 ## Ideal-denoiser sampler benchmark (16x16 photo crops)
 
 {bench_table}

@@ -42,6 +42,13 @@ class EncodeConfig:
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, **_help("skip images with more pixels (decompression bombs)"))
     max_file_bytes: int = field(default=DEFAULT_MAX_FILE_BYTES, **_help(
         "skip input files (and tar members) larger than this many bytes unread (default 256 MiB)"))
+    val_fraction: float = field(default=0.0, **_help(
+        "hold out this fraction of the listed images as a validation dataset (deterministic by file name; "
+        "latentdiff.data.split)"))
+    val_inputs: list[str] = field(default_factory=list, **_help(
+        "a separate validation input instead of --val-fraction (folder, .tar or list file); repeat for more",
+        flag="--val-input", repeat=True, metavar="PATH"))
+    val_output: str = field(default="", **_help("the validation dataset directory (default: OUTPUT/val)"))
     progress: bool = field(default=True, **_help("show a progress bar on rank 0"))
     command: list[str] | None = field(default=None, **_help("the command line recorded in dataset.json"))
 
@@ -69,9 +76,24 @@ class EncodeConfig:
             self.min_size = max(1, self.resolution // 2)
         if not isinstance(self.min_size, int) or self.min_size < 1:
             raise EncodeError(f"--min-size must be an integer >= 1 (default: half the resolution), got {self.min_size!r}")
+        if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= self.val_fraction < 1.0:
+            raise EncodeError(f"--val-fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.val_fraction and self.val_inputs:
+            raise EncodeError("give either --val-fraction or --val-input, not both")
+        for raw in self.val_inputs:
+            if not Path(raw).expanduser().exists():
+                raise EncodeError(f"--val-input {raw!r} does not exist; pass an image folder, a .tar of images or a list file")
         if self.vae_precision not in PRECISIONS:
             raise EncodeError(f"--vae-precision {self.vae_precision!r}: choose one of {', '.join(PRECISIONS)}")
         return self
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.val_fraction) or bool(self.val_inputs)
+
+    @property
+    def validation_output(self) -> Path:
+        return Path(self.val_output).expanduser() if self.val_output else Path(self.output).expanduser() / "val"
 
     @property
     def images_per_chunk(self) -> int:

@@ -26,6 +26,7 @@ are combined in shard order, so the statistics do not depend on the number of ra
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from latentdiff.contracts.manifest import FORMAT
@@ -36,6 +37,7 @@ from latentdiff.data.images import DEFAULT_MAX_FILE_BYTES, IMAGE_EXTENSIONS
 from latentdiff.data.inputs import list_inputs
 from latentdiff.data.manifest import FINGERPRINT_VERSION, check_or_write_fingerprint
 from latentdiff.data.shards import sidecar_name
+from latentdiff.data.split import held_out, select, write_split_record
 from latentdiff.utils.dist import barrier, device, get_rank, get_world_size, init_distributed
 from latentdiff.utils.errors import EncodeError
 from latentdiff.vae.autoencoder import Autoencoder
@@ -81,14 +83,17 @@ def _completed_chunks(out: Path, n_chunks: int) -> list[int]:
     return done
 
 
-def _plan(cfg: EncodeConfig, ae: Autoencoder, out: Path) -> dict:
-    """Rank 0: listing, output-dir check, cleanup of temporaries, list of pending chunks."""
+def _plan(cfg: EncodeConfig, ae: Autoencoder, out: Path, part=None) -> dict:
+    """Rank 0: listing (``part``: the listing -> the part of it to encode), output-dir check, cleanup of
+    temporaries, list of pending chunks."""
     listing = list_inputs(cfg.inputs)
     if not listing.items:
         found = "; ".join(f"{p['path']}: {p['detail']}" for p in listing.problems)
         raise EncodeError(f"no image files found under {', '.join(listing.inputs)} (extensions "
                           f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case; hidden files are ignored)"
                           + (f"; {found}" if found else ""))
+    if part is not None:
+        listing = part(listing)
     fp = _fingerprint(cfg, ae.description(), listing)
     check_or_write_fingerprint(out, fp)
     for p in out.iterdir():  # partial files of a killed run
@@ -111,15 +116,39 @@ def _plan(cfg: EncodeConfig, ae: Autoencoder, out: Path) -> dict:
 
 
 def encode_dataset(cfg: EncodeConfig) -> dict:
-    """Run the whole stage on every rank; returns the summary (validates ``cfg`` first)."""
+    """Run the whole stage on every rank; returns the summary (validates ``cfg`` first).
+
+    With ``val_fraction`` or ``val_inputs`` the validation dataset is encoded after the training one,
+    with the same VAE and options (no mirrored copies), into ``cfg.validation_output``; each gets its
+    own shards, statistics and manifest, and a ``split.json`` (:mod:`latentdiff.data.split`).
+    """
     cfg.validate()
-    out = Path(cfg.output).expanduser().resolve()
     ae = Autoencoder.load(cfg.vae, revision=cfg.vae_revision, device=device())
+    if not cfg.has_validation:
+        return _encode(cfg, ae)
+    frac = float(cfg.val_fraction) or None
+    train_part = (lambda lst: select(lst, set(range(len(lst.items))) - held_out(lst, frac))) if frac else None
+    val_part = (lambda lst: select(lst, held_out(lst, frac))) if frac else None
+    base = replace(cfg, val_fraction=0.0, val_inputs=[], val_output="")
+    train = _encode(base, ae, train_part)
+    val_cfg = replace(base, inputs=list(cfg.inputs if frac else cfg.val_inputs), output=str(cfg.validation_output),
+                      flip=False)
+    val = _encode(val_cfg, ae, val_part)
+    counts = {"train_images": train["num_images"], "val_images": val["num_images"]}
+    if get_rank() == 0:
+        write_split_record(Path(train["output"]), "train", frac, counts, Path(val["output"]), cfg.val_inputs)
+        write_split_record(Path(val["output"]), "val", frac, counts, Path(train["output"]), cfg.val_inputs)
+    barrier()
+    return {**train, "validation": val}
+
+
+def _encode(cfg: EncodeConfig, ae: Autoencoder, part=None) -> dict:
+    out = Path(cfg.output).expanduser().resolve()
     sample_shape = ae.latent_shape(cfg.resolution)  # fails fast when not divisible
     init_distributed()
     rank, world = get_rank(), get_world_size()
     t0 = time.time()
-    plan = on_rank0(lambda: _plan(cfg, ae, out), rank, f"preparing {out}")
+    plan = on_rank0(lambda: _plan(cfg, ae, out, part), rank, f"preparing {out}")
     t1 = time.time()
     encoded_here = encode_chunks(cfg, ae, out, plan, plan["pending"][rank::world], rank, sample_shape)
     t2 = time.time()
@@ -137,7 +166,10 @@ def format_summary(summary: dict) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items()) or "none"
     resumed = (f" ({summary['resumed_chunks']} of {summary['num_chunks']} chunks done by an earlier run)"
                if summary.get("resumed_chunks") else "")
-    return (
+    text = (
         f"encoded {summary['num_images']} images -> {summary['num_samples']} samples in {summary['num_shards']} shards"
         f"{resumed}; skipped {summary['skipped']} (by reason: {reasons}) -> {summary['output']}"
     )
+    if summary.get("validation"):
+        text += "\nvalidation: " + format_summary(summary["validation"])
+    return text

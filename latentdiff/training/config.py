@@ -108,6 +108,13 @@ class TrainConfig:
     sample_nfe: int = _opt(35, "denoiser evaluations per sample-grid image")
     sample_solver: str = _opt(DEFAULT_SAMPLER, f"sampler of the sample grid: {', '.join(SAMPLERS)}")
     heldout_batch: int = _opt(16, "size of the fixed batch of the EMA-vs-raw loss curve (0 = off)")
+    val_dataset: str = _opt("auto", "held-out validation dataset: auto (the encoder's split of the dataset, if any) "
+                                    "| none | a dataset directory")
+    val_samples: int = _opt(512, "fixed (image, sigma, noise) triples of the validation loss")
+    val_every: int = _opt(1000, "optimizer steps between validation losses (0 = off; also at the end)")
+    eval_every: int = _opt(0, "optimizer steps between sample-quality evaluations of the EMA model (FWD, SWD, KID, "
+                              "precision/recall vs the validation data; RUN/eval.jsonl; 0 = off)")
+    eval_samples: int = _opt(256, "images generated (seeds 0..N-1) and reference images per evaluation")
     seed: int = _opt(0, "seed of the initial weights, the data order and every random draw")
     num_workers: int = _opt(2, "DataLoader worker processes per rank")
     shuffle_buffer: int = _opt(1000, "samples in each reader's shuffle buffer")
@@ -165,8 +172,10 @@ class TrainConfig:
             e.append("eps must be > 0, weight_decay >= 0, grad_clip >= 0")
         for names, lo in ((("micro_batch", "grad_accum", "duration_images"), 1),
                           (("warmup_images", "max_steps", "global_batch", "keep_every", "sample_every",
-                            "heldout_batch", "num_workers", "snapshot_every_images", "snapshot_keep"), 0),
+                            "heldout_batch", "num_workers", "snapshot_every_images", "snapshot_keep",
+                            "val_every", "eval_every"), 0),
                           (("checkpoint_every", "keep_last", "log_every", "sample_count", "sample_nfe",
+                            "val_samples", "eval_samples",
                             "fp16_max_min_scale_steps"), 1)):
             for name in names:
                 v = getattr(self, name)
@@ -219,7 +228,8 @@ RESUME_SAFE_FIELDS = frozenset(
         "run_dir", "duration_images", "max_steps", "checkpoint_every", "keep_last", "keep_every", "log_every",
         "sample_every", "sample_count", "sample_nfe", "sample_solver", "heldout_batch", "resume", "force_resume",
         "comm_timeout_minutes", "verify_shards", "fp16_max_min_scale_steps", "dataset",
-        "snapshot_every_images", "snapshot_dtype", "snapshot_keep",
+        "snapshot_every_images", "snapshot_dtype", "snapshot_keep", "val_dataset", "val_samples",
+        "val_every", "eval_every", "eval_samples",
     }
 )
 

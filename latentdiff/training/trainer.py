@@ -23,7 +23,8 @@ from latentdiff.data.reader import LatentShardDataset, sample_latent
 from latentdiff.diffusion.guidance import drop_labels
 from latentdiff.diffusion.precond import EDMPrecond, edm_loss
 from latentdiff.models import build as build_model
-from latentdiff.training import evaluation
+from latentdiff.training import evaluation, validation
+from latentdiff.training.quality import QualityEval
 from latentdiff.training.checkpoint import find_latest, save_checkpoint
 from latentdiff.training.config import TrainConfig
 from latentdiff.training.ema import EMA, PowerEMA
@@ -105,6 +106,7 @@ class Trainer:
             solver=cfg.sample_solver, nfe=cfg.sample_nfe, count=cfg.sample_count,
             sigma_min=self.schedule.sigma_min, sigma_max=self.schedule.sigma_max, device=self.device)
         self._bar = None
+        self._quality = None
 
     # checkpoints --------------------------------------------------------------------------------
     def state(self) -> TrainerState:
@@ -227,6 +229,7 @@ class Trainer:
         cfg = self.cfg
         tb = self._start()
         heldout = self._heldout_batch() if cfg.heldout_batch else None
+        val = self._validation_triples()
         metrics, batches = StepMetrics(), self._batches()
         end = self.total_steps if not cfg.max_steps else min(self.total_steps, cfg.max_steps)
         self._bar = bar = tqdm(total=end, initial=self.step, disable=not self.is_main, desc="train", unit="step",
@@ -247,6 +250,11 @@ class Trainer:
                 t_window, img_window = time.time(), 0
                 if heldout is not None:
                     self._log_heldout(tb, heldout)
+            val_loss = None
+            if val is not None and (self.step % cfg.val_every == 0 or self.step == end or stop):
+                val_loss = self._log_validation(tb, val)
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == end):
+                self._evaluate(tb, val_loss)
             if cfg.sample_every and self.step % cfg.sample_every == 0:
                 self._log_samples(tb)
             self.step_times.append(time.time() - t0)
@@ -320,6 +328,35 @@ class Trainer:
     def _log_heldout(self, tb: TBWriter, heldout) -> None:
         denoisers = ((rate, self._ema_denoiser(rate)) for rate in self.ema.rates)  # one at a time, in rate order
         evaluation.log_fixed_batch(tb, self.step, self.engine, heldout, denoisers)
+
+    def _validation_triples(self):
+        """The fixed validation triples (training/validation.py), or None when there is no validation set."""
+        root = validation.resolve_validation_dataset(self.cfg.val_dataset, self.cfg.dataset)
+        if root is None or not self.cfg.val_every:
+            return None
+        triples = validation.fixed_triples(root, self.cfg.val_samples, self.norm, self.device,
+                                           self.null_label if self.num_classes > 0 else None, self.manifest)
+        if self.is_main:
+            self.log(f"validation: {triples[0].shape[0]} fixed triples of {root} every {self.cfg.val_every} steps")
+        return triples
+
+    def _log_validation(self, tb: TBWriter, triples) -> dict:
+        denoisers = ((rate, self._ema_denoiser(rate)) for rate in self.ema.rates)
+        out = validation.log_validation(tb, self.step, self.engine, triples, denoisers, self.cfg.micro_batch)
+        if self.is_main:
+            self._say(f"step {self.step} validation loss " + ", ".join(f"{k} {v['loss']:.5f}" for k, v in out.items()))
+        return out
+
+    def _evaluate(self, tb: TBWriter, val_loss: dict | None) -> None:
+        """Sample quality of the EMA model (training/quality.py); the gather is collective, the rest rank 0's."""
+        d = self._ema_denoiser(max(self.ema.rates))
+        if d is None:
+            return
+        if self._quality is None:
+            ref = validation.resolve_validation_dataset(self.cfg.val_dataset, self.cfg.dataset) or Path(self.cfg.dataset)
+            self._quality = QualityEval(self.run_dir, self.preview, ref, self.cfg.eval_samples, self.cfg.micro_batch,
+                                        self._say)
+        self._quality.run(tb, d, self.step, self.images_seen, val_loss)
 
     def _log_samples(self, tb: TBWriter) -> None:
         d = self._ema_denoiser(max(self.ema.rates))  # collective under ZeRO-3, then rank 0 only
