@@ -2,7 +2,6 @@
 base, the rule <-> rule identity for band-limited upsampling, and the refusal of bad settings."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

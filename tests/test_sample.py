@@ -415,7 +415,6 @@ def test_decode_applies_the_exact_inverse_normalization(tiny_dataset, loaded):
 def test_decode_is_untiled_fp32_outside_autocast_even_if_the_caller_enabled_tiling(tiny_dataset, loaded):
     """T20: the VAE object itself decodes whole images in fp32 with autocast off -- checked inside its
     forward, with tiling and slicing switched on by the caller and a bf16 autocast around the call."""
-    from latentdiff.vae.normalization import Normalization
     from latentdiff.vae.decode import decode_to_uint8, load_vae_for
 
     _, meta = loaded

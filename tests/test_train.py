@@ -267,7 +267,6 @@ def test_sample_preview_loads_the_vae_once_and_uses_the_default_sampler(tiny_dat
     from latentdiff.training.config import TrainConfig
     from latentdiff.training.schedule import resolve_schedule
     from latentdiff.training.tb import TBWriter
-    from latentdiff.vae.normalization import Normalization
 
     loads, methods = [], []
     real_load, real_generate = pv.load_vae_for, pv.generate_latents
