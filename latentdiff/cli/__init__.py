@@ -1,1 +1,2 @@
-"""Thin command-line entry points, one per stage: encode, train, export, sample, fid."""
+"""Thin command-line entry points, one per stage (encode, train, export, sample, fid, eval, reconstruct-ema),
+sharing one way to report a refused input (``common``)."""

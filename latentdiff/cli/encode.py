@@ -18,6 +18,7 @@ import sys
 
 import torch.distributed as tdist
 
+from latentdiff.cli.common import report_error
 from latentdiff.data.config import EncodeConfig
 from latentdiff.data.encode import encode_dataset, format_summary
 from latentdiff.utils.config import add_config_flags, config_from_args
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
         cfg, summary_json = parse_args(argv)
         summary = encode_dataset(cfg)
     except LatentdiffError as exn:
-        print(f"latentdiff-encode: error: {exn}", file=sys.stderr)
+        report_error("latentdiff-encode", exn)
         # no barrier here: the other ranks may be elsewhere; torchrun stops them when this one exits
         if is_distributed():
             tdist.destroy_process_group()

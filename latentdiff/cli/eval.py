@@ -15,13 +15,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from latentdiff.cli.common import cli_exit, run_distributed
 from latentdiff.metrics.eval_config import EvalConfig
 from latentdiff.metrics.eval_sources import open_reference, samples_source
 from latentdiff.metrics.eval_stats import SetStatistics, save_statistics
 from latentdiff.metrics.evaluation import check_counts, check_geometry, evaluate
 from latentdiff.utils import dist as ldist
 from latentdiff.utils.config import add_config_flags, config_from_args, field_help
-from latentdiff.utils.errors import FIDError, LatentdiffError
+from latentdiff.utils.errors import FIDError
 from latentdiff.utils.io import atomic_write_json
 
 __all__ = ["build_parser", "main", "cli"]
@@ -40,7 +41,10 @@ def _inception(cfg: EvalConfig):
     """The Inception extractor, or None (``auto`` without weights: noted in the report)."""
     if cfg.inception == "off":
         return None, "off (--inception off)"
-    from latentdiff.metrics.inception import load_feature_extractor, resolve_weights_path
+    from latentdiff.metrics.inception import (
+        load_feature_extractor,
+        resolve_weights_path,
+    )
 
     try:
         resolve_weights_path(cfg.inception_weights)
@@ -99,26 +103,17 @@ def _run(cfg: EvalConfig, argv) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    prefix, initialized_here = "latentdiff-eval", False
-    try:
+
+    def prepare():
         cfg = config_from_args(EvalConfig, args, {"samples": args.samples} if args.samples else None).validate()
         _precheck(cfg, cfg.settings(inception=False))
-        initialized_here = ldist.init_distributed()
-        if ldist.get_world_size() > 1:
-            prefix = f"latentdiff-eval[rank {ldist.get_rank()}]"
-        _run(cfg, argv)
-        return 0
-    except LatentdiffError as e:  # FIDError, DataError, SampleError, ConfigError: one line naming the input and the fix
-        print(f"{prefix}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if initialized_here:
-            ldist.destroy()
+        return cfg
+
+    return run_distributed("latentdiff-eval", prepare, lambda cfg: _run(cfg, argv))
 
 
 def cli() -> None:
-    """Console-script entry point: ``main`` then a hard exit (see ``latentdiff.utils.dist.hard_exit``)."""
-    ldist.hard_exit(main())
+    cli_exit(main)
 
 
 if __name__ == "__main__":

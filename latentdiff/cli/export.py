@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from latentdiff.cli.common import report_error
 from latentdiff.training.checkpoint import find_latest, tag_for
 from latentdiff.training.export import export_checkpoint
 from latentdiff.utils.dist import hard_exit
@@ -34,8 +35,7 @@ def main(argv=None) -> int:
     try:
         export_checkpoint(ckpt, out)
     except ExportError as e:
-        print(f"latentdiff-export: {e}", file=sys.stderr)
-        return 2
+        return report_error("latentdiff-export", e)
     print(f"exported {ckpt} -> {out}")
     return 0
 

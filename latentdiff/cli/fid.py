@@ -12,15 +12,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from latentdiff.cli.common import cli_exit, run_distributed
 from latentdiff.metrics.config import FIDConfig
 from latentdiff.metrics.fid import evaluate
 from latentdiff.metrics.frechet import MIN_SAMPLES, check_count
 from latentdiff.metrics.image_sources import open_samples, parse_seed_set, select_seeds
-from latentdiff.metrics.inception import download_inception_weights, load_feature_extractor
+from latentdiff.metrics.inception import (
+    download_inception_weights,
+    load_feature_extractor,
+)
 from latentdiff.metrics.reference import load_reference
 from latentdiff.utils import dist as ldist
 from latentdiff.utils.config import add_config_flags, config_from_args, field_help
-from latentdiff.utils.errors import LatentdiffError
 from latentdiff.utils.io import atomic_write_json
 
 __all__ = ["build_parser", "main", "cli"]
@@ -74,29 +77,20 @@ def _run(cfg: FIDConfig, argv) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    prefix, initialized_here = "latentdiff-fid", False
-    try:
+
+    def prepare():
         cfg = config_from_args(FIDConfig, args, {"samples": args.samples} if args.samples else None)
         if cfg.download_weights and not cfg.samples:
             print(f"Inception weights at {download_inception_weights(cfg.inception_weights)}")
-            return 0
+            return None
         _precheck(cfg.validate())
-        initialized_here = ldist.init_distributed()
-        if ldist.get_world_size() > 1:
-            prefix = f"latentdiff-fid[rank {ldist.get_rank()}]"
-        _run(cfg, argv)
-        return 0
-    except LatentdiffError as e:  # FIDError, ConfigError, ...: one line naming the input and the fix
-        print(f"{prefix}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if initialized_here:
-            ldist.destroy()
+        return cfg
+
+    return run_distributed("latentdiff-fid", prepare, lambda cfg: _run(cfg, argv))
 
 
 def cli() -> None:
-    """Console-script entry point: ``main`` then a hard exit (see ``latentdiff.utils.dist.hard_exit``)."""
-    ldist.hard_exit(main())
+    cli_exit(main)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from latentdiff.cli.common import report_error
 from latentdiff.training.checkpoint import find_latest
 from latentdiff.training.export import write_weights_export
 from latentdiff.training.reconstruct import Target, plan, reconstruct
@@ -72,8 +72,7 @@ def main(argv=None) -> int:
     try:
         results = run(args)
     except (LatentdiffError, ValueError) as e:
-        print(f"latentdiff-reconstruct-ema: {e}", file=sys.stderr)
-        return 2
+        return report_error("latentdiff-reconstruct-ema", e)
     if args.dry_run:
         print(json.dumps(results, indent=1))
     return 0

@@ -47,8 +47,8 @@ The command runs :mod:`latentdiff.solvers.generate` (latents from seeds) and :mo
 from __future__ import annotations
 
 import argparse
-import sys
 
+from latentdiff.cli.common import report_error
 from latentdiff.sampling.config import SampleConfig
 from latentdiff.sampling.run import run
 from latentdiff.utils.config import add_config_flags, config_from_args
@@ -71,8 +71,7 @@ def main(argv=None) -> int:
         cfg = config_from_args(SampleConfig, args)
         res = run(cfg)
     except LatentdiffError as e:  # SampleError, ExportError, ConfigError: one line naming the field and the fix
-        print(f"latentdiff-sample: {e}", file=sys.stderr)
-        return 2
+        return report_error("latentdiff-sample", e)
     if res:
         print(f"wrote {res.num_images} images to {cfg.out} ({res.solver}, NFE used {res.nfe_used}, "
               f"{res.generated_this_run} generated now)")

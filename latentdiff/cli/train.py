@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import deepspeed
 
+from latentdiff.cli.common import report_error
 from latentdiff.training.checkpoint import find_latest
 from latentdiff.training.config import TrainConfig
 from latentdiff.training.engine import build_ds_config, check_precision_supported
 from latentdiff.training.export import export_checkpoint
-from latentdiff.training.runtime import quiet_deepspeed_deprecations, use_environment_extensions_dir
+from latentdiff.training.runtime import (
+    quiet_deepspeed_deprecations,
+    use_environment_extensions_dir,
+)
 from latentdiff.training.signals import install_signal_handlers
 from latentdiff.training.trainer import Trainer
 from latentdiff.utils import dist as ldist
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
         check_precision_supported(build_ds_config(cfg, ds_config, world))
     except ConfigError as e:
         if ldist.env_local_rank() == 0:  # every rank of a node validates the same arguments: say it once
-            print(f"latentdiff-train: {e}", file=sys.stderr)
+            report_error("latentdiff-train", e)
         return 2
     install_signal_handlers()  # before the (slow) setup, so a preemption signal is never lost
     use_environment_extensions_dir(log=(lambda m: print(m, flush=True)) if ldist.env_rank() == 0 else None)
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
     except LatentdiffError as e:
         # no barrier, no destroy(): another rank may be inside a training collective (see run_entry_point)
         if ldist.get_rank() == 0 or not getattr(e, "every_rank", False):  # an error all ranks raise: once
-            print(f"latentdiff-train (rank {ldist.get_rank()}): {e}", file=sys.stderr, flush=True)
+            report_error("latentdiff-train", e)
         return 2
     ldist.destroy()
     return 0
