@@ -27,23 +27,23 @@ def report_error(command: str, e: BaseException) -> int:
 
 def run_distributed(command: str, prepare: Callable[[], T | None], run: Callable[[T], None]) -> int:
     """``prepare()`` (config and input checks, before any process group; ``None`` = nothing more to do),
-    then ``run(state)`` inside a process group this call starts and destroys.  0, or 2 after
+    then ``run(state)`` inside a process group this call starts and, after success, destroys.  0, or 2 after
     :func:`report_error` for a :class:`LatentdiffError` raised by either."""
-    initialized_here = False
     try:
         state = prepare()
         if state is None:
             return 0
         initialized_here = ldist.init_distributed()
         run(state)
-        return 0
     except LatentdiffError as e:
+        # no barrier, no destroy() after an error: another rank may be inside a collective (run_entry_point)
         return report_error(command, e)
-    finally:
-        if initialized_here:
-            ldist.destroy()
+    if initialized_here:
+        ldist.destroy()
+    return 0
 
 
-def cli_exit(main: Callable[[], int]) -> None:
-    """Console-script entry point: ``main()`` then a hard exit (see ``latentdiff.utils.dist.hard_exit``)."""
-    ldist.hard_exit(main())
+def cli_exit(main: Callable[[], int], prog: str) -> None:
+    """Console-script entry point: ``main()``, then an immediate exit with its code, also after an error
+    (:func:`latentdiff.utils.dist.run_entry_point`: no barrier, ends with its launcher)."""
+    ldist.run_entry_point(main, prog)

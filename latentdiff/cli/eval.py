@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli() -> None:
-    cli_exit(main)
+    cli_exit(main, "latentdiff-eval")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli() -> None:
-    cli_exit(main)
+    cli_exit(main, "latentdiff-fid")
 
 
 if __name__ == "__main__":
