@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except LatentdiffError as e:  # FIDError, ConfigError, ...: one line naming the input and the fix
         print(f"{prefix}: error: {e}", file=sys.stderr)
+        initialized_here = False  # no barrier after an error: another rank may be inside a collective
         return 2
     finally:
         if initialized_here:
@@ -95,8 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Console-script entry point: ``main`` then a hard exit (see ``latentdiff.utils.dist.hard_exit``)."""
-    ldist.hard_exit(main())
+    """Console-script entry point: ``main``, then an immediate exit with its code, also after an error
+    (see ``latentdiff.utils.dist.run_entry_point``)."""
+    ldist.run_entry_point(main, "latentdiff-fid")
 
 
 if __name__ == "__main__":
