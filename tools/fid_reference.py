@@ -240,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except LatentdiffError as e:
         print(f"{prefix}: error: {e}", file=sys.stderr)
+        initialized_here = False  # no barrier after an error: another rank may be inside a collective
         return 2
     finally:
         if initialized_here:

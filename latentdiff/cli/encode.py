@@ -22,7 +22,7 @@ from latentdiff.cli.common import report_error
 from latentdiff.data.config import EncodeConfig
 from latentdiff.data.encode import encode_dataset, format_summary
 from latentdiff.utils.config import add_config_flags, config_from_args
-from latentdiff.utils.dist import destroy, get_rank, hard_exit, is_distributed
+from latentdiff.utils.dist import destroy, get_rank, is_distributed, run_entry_point
 from latentdiff.utils.errors import LatentdiffError
 from latentdiff.utils.io import atomic_write_json
 
@@ -62,8 +62,9 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-    """Console-script entry point: ``main`` then a hard exit (see ``latentdiff.utils.dist.hard_exit``)."""
-    hard_exit(main())
+    """Console-script entry point: ``main``, then an immediate exit with its code, also after an error
+    (see ``latentdiff.utils.dist.run_entry_point``)."""
+    run_entry_point(main, "latentdiff-encode")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 from latentdiff.cli.common import report_error
 from latentdiff.training.checkpoint import find_latest, tag_for
 from latentdiff.training.export import export_checkpoint
-from latentdiff.utils.dist import hard_exit
+from latentdiff.utils.dist import run_entry_point
 from latentdiff.utils.errors import ExportError
 
 __all__ = ["main", "cli"]
@@ -41,8 +41,9 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-    """Console-script entry point: ``main`` then a hard exit (see ``latentdiff.utils.dist.hard_exit``)."""
-    hard_exit(main())
+    """Console-script entry point: ``main``, then an immediate exit with its code, also after an error
+    (see ``latentdiff.utils.dist.run_entry_point``)."""
+    run_entry_point(main, "latentdiff-export")
 
 
 if __name__ == "__main__":

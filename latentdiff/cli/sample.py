@@ -52,7 +52,7 @@ from latentdiff.cli.common import report_error
 from latentdiff.sampling.config import SampleConfig
 from latentdiff.sampling.run import run
 from latentdiff.utils.config import add_config_flags, config_from_args
-from latentdiff.utils.dist import hard_exit
+from latentdiff.utils.dist import run_entry_point
 from latentdiff.utils.errors import LatentdiffError
 
 __all__ = ["build_parser", "main", "cli"]
@@ -79,8 +79,9 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-    """Console-script entry point: ``main`` then a hard exit (see ``latentdiff.utils.dist.hard_exit``)."""
-    hard_exit(main())
+    """Console-script entry point: ``main``, then an immediate exit with its code, also after an error
+    (see ``latentdiff.utils.dist.run_entry_point``)."""
+    run_entry_point(main, "latentdiff-sample")
 
 
 if __name__ == "__main__":
