@@ -9,7 +9,7 @@ from pathlib import Path
 from latentdiff.training.checkpoint import find_latest, tag_for
 from latentdiff.training.export import export_checkpoint
 from latentdiff.utils.dist import hard_exit
-from latentdiff.utils.errors import ExportError
+from latentdiff.utils.errors import LatentdiffError
 
 __all__ = ["main", "cli"]
 
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else run / "export" / ckpt.name
     try:
         export_checkpoint(ckpt, out)
-    except ExportError as e:
+    except LatentdiffError as e:  # ExportError, UnsafeFileError (a checkpoint file holding pickled objects), ...
         print(f"latentdiff-export: {e}", file=sys.stderr)
         return 2
     print(f"exported {ckpt} -> {out}")

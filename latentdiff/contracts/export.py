@@ -16,8 +16,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from latentdiff.contracts.export_v1 import REEXPORT, upgrade_v1
 from latentdiff.contracts.schedule import TrainingSchedule
 from latentdiff.diffusion.guidance import resolve_null_label
@@ -25,6 +23,7 @@ from latentdiff.diffusion.precond import build_precond
 from latentdiff.models import from_config
 from latentdiff.utils.errors import ConfigError, ExportError, LatentdiffError
 from latentdiff.utils.io import atomic_write_text, sha256_files
+from latentdiff.utils.safe_load import load_safetensors
 from latentdiff.vae.decode import is_pixel_vae
 from latentdiff.vae.normalization import Normalization
 
@@ -234,7 +233,7 @@ def load_export(export_dir: str | Path, weights: str = "ema", device="cpu"):
     fname = meta.weights_file(weights, where)
     try:
         net = from_config(meta.model)
-        net.load_state_dict(load_file(str(d / fname)), strict=True)
+        net.load_state_dict(load_safetensors(d / fname), strict=True)
         denoiser = build_precond(meta.precond_spec(), net).to(device).eval()
     except LatentdiffError:
         raise

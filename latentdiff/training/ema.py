@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from latentdiff.utils.dist import is_distributed
 from latentdiff.utils.errors import TrainError
+from latentdiff.utils.safe_load import load_safetensors, open_safetensors
 
 __all__ = ["EMA", "consolidate", "is_zero3_param"]
 
@@ -81,7 +81,7 @@ class EMA:
         path = self._file(Path(directory), rank)
         if not path.is_file():
             raise TrainError(f"{path} is missing: the checkpoint has no EMA for this rank (incomplete checkpoint?)")
-        with safe_open(str(path), "pt") as f:
+        with open_safetensors(path) as f:
             meta = f.metadata() or {}
         if self.zero3 and json.loads(meta.get("world_size", "0")) != world_size:
             raise TrainError(
@@ -90,7 +90,7 @@ class EMA:
             )
         if json.loads(meta.get("rates", "[]")) != self.rates:
             raise TrainError(f"{path}: EMA rates {meta.get('rates')} differ from the config's {self.rates}")
-        tensors = load_file(str(path))
+        tensors = load_safetensors(path)
         with torch.no_grad():
             for r, sh in self.shadow.items():
                 for n, t in zip(self.names, sh):
@@ -130,14 +130,14 @@ def consolidate(directory: str | Path) -> dict[float, dict[str, torch.Tensor]]:
         files = sorted(directory.glob("ema_rank*.safetensors"))
         if not files:
             raise TrainError(f"{directory} holds no EMA (ema.safetensors or ema_rank*.safetensors)")
-    with safe_open(str(files[0]), "pt") as f:
+    with open_safetensors(files[0]) as f:
         meta = f.metadata() or {}
     rates = json.loads(meta["rates"])
     shapes, numels = json.loads(meta["shapes"]), json.loads(meta["numels"])
     zero3 = json.loads(meta["zero3"])
     if zero3 and len(files) != json.loads(meta["world_size"]):
         raise TrainError(f"{directory}: {len(files)} EMA shards found, {meta['world_size']} expected (incomplete checkpoint)")
-    shards = [load_file(str(p)) for p in files]
+    shards = [load_safetensors(p) for p in files]
     out: dict[float, dict[str, torch.Tensor]] = {}
     for r in rates:
         out[r] = {}

@@ -15,10 +15,15 @@ from safetensors.torch import save_file
 from latentdiff.contracts.export import ExportMeta
 from latentdiff.contracts.schedule import TrainingSchedule
 from latentdiff.models import from_config
-from latentdiff.training.state import STATE_FILE, TrainerState, load_trainer_state
 from latentdiff.training.ema import consolidate
+from latentdiff.training.state import STATE_FILE, TrainerState, load_trainer_state
 from latentdiff.utils.errors import ExportError
 from latentdiff.utils.io import atomic_dir
+from latentdiff.utils.safe_load import (
+    deepspeed_globals,
+    safe_torch_load_scope,
+    torch_load,
+)
 
 __all__ = ["export_checkpoint"]
 
@@ -34,14 +39,18 @@ def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _raw_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights from a DeepSpeed checkpoint directory (no process group needed)."""
+    """fp32 weights from a DeepSpeed checkpoint directory (no process group needed).
+
+    DeepSpeed's ``zero_to_fp32`` loads with ``torch.load(weights_only=False)``: it runs inside
+    :func:`~latentdiff.utils.safe_load.safe_torch_load_scope` (weights_only, DeepSpeed's classes only)."""
     if list(ckpt.glob("*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        with safe_torch_load_scope():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:  # ZeRO-0: the module state is the weights
         files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise ExportError(f"{ckpt} holds no DeepSpeed model or optimizer states")
-        state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+        state = torch_load(files[0], allow=deepspeed_globals())["module"]
     return _strip(state)
 
 
