@@ -139,6 +139,73 @@ def test_ema_files_that_are_pickles_or_corrupt_are_refused_naming_the_file(tmp_p
     assert "not a valid safetensors file" in msg
 
 
+def test_export_weights_checksums_and_payloads(real_export_dir):
+    """model.json records each weight file's sha256; a flipped byte, a corrupt header and a pickle under a
+    weight file's name are refused naming the file; the payload never runs."""
+    from latentdiff.contracts.export import load_export
+    from latentdiff.utils.errors import ExportError
+    from latentdiff.utils.io import sha256_file
+
+    d = real_export_dir
+    meta = json.loads((d / "model.json").read_text())
+    sums = meta["weights"]["sha256"]
+    assert set(sums) == {meta["weights"]["raw"], *meta["weights"]["ema"].values()}
+    assert all(sums[f] == sha256_file(d / f) for f in sums)
+    load_export(d, weights="raw")
+    raw = d / meta["weights"]["raw"]
+    good = raw.read_bytes()
+    flipped = bytearray(good)
+    for i in range(len(good) - 1000, len(good)):  # 1000 bytes inside the tensor data
+        flipped[i] ^= 0xFF
+    raw.write_bytes(bytes(flipped))
+    with pytest.raises(ExportError, match="sha256") as ei:
+        load_export(d, weights="raw")
+    assert str(raw) in str(ei.value)
+    # with a matching checksum, the reader itself refuses a corrupt header and a pickle (named)
+    marker = d.parent / "ran"
+    corrupt = bytearray(good)
+    corrupt[8:20] = b"{corrupt!!!!"
+    for content in (bytes(corrupt), None):
+        if content is None:
+            _plant(raw, marker)
+        else:
+            raw.write_bytes(content)
+        meta["weights"]["sha256"][raw.name] = sha256_file(raw)
+        (d / "model.json").write_text(json.dumps(meta))
+        _refused(lambda: load_export(d, weights="raw"), raw, marker, error=Exception)
+    raw.write_bytes(good)
+
+
+@pytest.fixture
+def real_export_dir(tmp_path):
+    """A copy of an export written by ``export_checkpoint`` from a fabricated ZeRO-0 checkpoint."""
+    from latentdiff.models import from_config
+    from latentdiff.training.export import export_checkpoint
+    from latentdiff.training.state import STATE_FILE
+
+    fixture = REPO / "tests" / "fixtures" / "format_v1"
+    states = sorted(fixture.glob("trainer_state.json"))
+    if not states:
+        pytest.skip("no trainer_state fixture")
+    state = json.loads(states[0].read_text())
+    ck = tmp_path / "run" / "checkpoints" / "step_00000002"
+    ck.mkdir(parents=True)
+    shutil.copy(states[0], ck / STATE_FILE)
+    net = from_config(state["model_config"])
+    torch.save({"module": {"model." + k: v for k, v in net.state_dict().items()}}, ck / "mp_rank_00_model_states.pt")
+    from safetensors.torch import save_file
+
+    from latentdiff.training.ema import _key
+
+    rates = [0.9]
+    tensors = {_key(r, n): p.detach().float().contiguous() for r in rates for n, p in net.named_parameters()}
+    meta = {"rates": json.dumps(rates), "zero3": "false", "world_size": "1", "rank": "0",
+            "shapes": json.dumps({n: list(p.shape) for n, p in net.named_parameters()}),
+            "numels": json.dumps({n: p.numel() for n, p in net.named_parameters()})}
+    save_file(tensors, str(ck / "ema.safetensors"), metadata=meta)
+    return export_checkpoint(ck, tmp_path / "export")
+
+
 def test_reference_statistics_with_pickled_arrays_are_refused(tmp_path):
     from latentdiff.metrics.reference import load_reference, save_reference
 

@@ -18,7 +18,7 @@ from latentdiff.models import from_config
 from latentdiff.training.ema import consolidate
 from latentdiff.training.state import STATE_FILE, TrainerState, load_trainer_state
 from latentdiff.utils.errors import ExportError
-from latentdiff.utils.io import atomic_dir
+from latentdiff.utils.io import atomic_dir, sha256_file
 from latentdiff.utils.safe_load import (
     deepspeed_globals,
     safe_torch_load_scope,
@@ -92,5 +92,6 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
             fname = f"ema-{rate:g}.safetensors"
             save_file({**{k: v.float() for k, v in buffers.items()}, **_strip(tensors)}, str(tmp / fname))
             weights["ema"][repr(float(rate))] = fname
+        weights["sha256"] = {f: sha256_file(tmp / f) for f in [weights["raw"], *weights["ema"].values()]}
         _metadata(state, ckpt, weights).write(tmp)
     return out
