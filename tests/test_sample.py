@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from crash_report import cause
 
 from latentdiff.utils.errors import SampleError
 
@@ -34,7 +35,7 @@ def _env():
 def _run(cmd, timeout=300):
     p = subprocess.run([sys.executable, *map(str, cmd)], env=_env(), capture_output=True, text=True, timeout=timeout,
                        cwd=REPO)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    assert p.returncode == 0, cause(p)
     return p
 
 

@@ -400,9 +400,11 @@ def test_bitwise_resume_after_kill9(tiny_dataset, tmp_path):
     assert sorted(snaps[a]) == [f"snap_{i:012d}.safetensors" for i in (64, 128, 192, 256, 320)]
     assert snaps[a] == snaps[b]
     # optimizer moments too (the next step would differ otherwise): compare the raw optimizer files
+    from latentdiff.utils.safe_load import deepspeed_globals, torch_load
+
     for f in sorted((a / "checkpoints" / f"step_{2 * n:08d}").glob("*optim_states.pt")):
-        sa = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        sb = torch.load(b / "checkpoints" / f"step_{2 * n:08d}" / f.name, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        sa = torch_load(f, allow=deepspeed_globals())["optimizer_state_dict"]
+        sb = torch_load(b / "checkpoints" / f"step_{2 * n:08d}" / f.name, allow=deepspeed_globals())["optimizer_state_dict"]
         for key in ("state", "base_optimizer_state"):
             if key in sa:
                 _deep_equal(sa[key], sb[key])

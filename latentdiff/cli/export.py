@@ -10,7 +10,7 @@ from latentdiff.cli.common import report_error
 from latentdiff.training.checkpoint import find_latest, tag_for
 from latentdiff.training.export import export_checkpoint
 from latentdiff.utils.dist import run_entry_point
-from latentdiff.utils.errors import ExportError
+from latentdiff.utils.errors import LatentdiffError
 
 __all__ = ["main", "cli"]
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else run / "export" / ckpt.name
     try:
         export_checkpoint(ckpt, out)
-    except ExportError as e:
+    except LatentdiffError as e:  # ExportError, UnsafeFileError (a checkpoint file holding pickled objects), ...
         return report_error("latentdiff-export", e)
     print(f"exported {ckpt} -> {out}")
     return 0

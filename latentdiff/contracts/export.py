@@ -17,15 +17,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from latentdiff.contracts.export_v1 import REEXPORT, upgrade_v1
 from latentdiff.contracts.schedule import TrainingSchedule
 from latentdiff.diffusion.guidance import resolve_null_label
 from latentdiff.diffusion.precond import build_precond
 from latentdiff.models import from_config
 from latentdiff.utils.errors import ConfigError, ExportError, LatentdiffError
-from latentdiff.utils.io import atomic_write_text, sha256_files
+from latentdiff.utils.io import atomic_write_text, sha256_file, sha256_files
+from latentdiff.utils.safe_load import load_safetensors
 from latentdiff.vae.decode import is_pixel_vae
 from latentdiff.vae.normalization import Normalization
 
@@ -172,6 +171,9 @@ class ExportMeta:
                 and isinstance(phema, dict)):
             raise ExportError(f"{where}: weights must name the raw file (or, in a post-hoc EMA export, power EMAs) "
                               f"and a mapping of EMA rates; {REEXPORT}")
+        sums = self.weights.get("sha256", {})
+        if not isinstance(sums, dict) or not all(isinstance(v, str) and len(v) == 64 for v in sums.values()):
+            raise ExportError(f"{where}: weights.sha256 must map weight files to sha256 hex digests; {REEXPORT}")
         return self
 
     def to_dict(self) -> dict:
@@ -248,6 +250,20 @@ class LoadedExport:
         return export_hash(self.directory)
 
 
+def _check_weights_sha256(path: Path, recorded: str | None, where: str) -> None:
+    """The weight file's sha256 against model.json's ``weights.sha256`` (exports before it have none)."""
+    if recorded is None:
+        return
+    if not path.is_file():
+        raise ExportError(f"{path} is missing (named in {where}); {REEXPORT}")
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise ExportError(
+            f"{path}: sha256 {actual[:12]}... differs from {recorded[:12]}... recorded in {where}: the weights are "
+            f"corrupt or were replaced; copy the export again or {REEXPORT}"
+        )
+
+
 def load_export(export_dir: str | Path, weights: str = "ema", device="cpu"):
     """``(denoiser, LoadedExport)``: the preconditioned network with ``weights`` = ``ema`` (largest rate),
     an EMA rate such as ``0.9999``, or ``raw``, rebuilt from ``model.json`` without DeepSpeed."""
@@ -255,9 +271,10 @@ def load_export(export_dir: str | Path, weights: str = "ema", device="cpu"):
     meta = ExportMeta.read(d)
     where = str(d / MODEL_JSON)
     fname = meta.weights_file(weights, where)
+    _check_weights_sha256(d / fname, meta.weights.get("sha256", {}).get(fname), where)
     try:
         net = from_config(meta.model)
-        net.load_state_dict(load_file(str(d / fname)), strict=True)
+        net.load_state_dict(load_safetensors(d / fname), strict=True)
         denoiser = build_precond(meta.precond_spec(), net).to(device).eval()
     except LatentdiffError:
         raise

@@ -24,8 +24,13 @@ from pathlib import Path
 import torch
 
 from latentdiff.utils import dist as ldist
-from latentdiff.utils.io import sha256_file
 from latentdiff.utils.errors import FIDError
+from latentdiff.utils.io import sha256_file
+from latentdiff.utils.safe_load import (
+    UnsafeFileError,
+    safe_torch_load_scope,
+    torch_load,
+)
 
 __all__ = [
     "FEATURE_DIM",
@@ -201,7 +206,9 @@ def load_feature_extractor(
     else:
         path = resolve_weights_path(weights)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path)
+    except UnsafeFileError:
+        raise
     except Exception as e:
         raise FIDError(
             f"cannot read Inception weights {path} with torch.load(weights_only=True): {e}. "
@@ -211,8 +218,10 @@ def load_feature_extractor(
     if not isinstance(state, Mapping) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise FIDError(f"Inception weights {path} do not hold a state dict of tensors; pass torch-fidelity's file with --inception-weights")
     del state
-    try:
-        net = _fidelity_inception()[1].FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    try:  # torch-fidelity loads the file again with weights_only=False: within the scope it is weights_only
+        with safe_torch_load_scope(allow=()):
+            net = _fidelity_inception()[1].FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                                      feature_extractor_weights_path=str(path))
     except RuntimeError as e:  # state-dict key/shape mismatch
         raise FIDError(
             f"Inception weights {path} do not fit torch-fidelity's FeatureExtractorInceptionV3: {str(e)[:500]}. "

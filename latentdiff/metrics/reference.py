@@ -19,6 +19,7 @@ import numpy as np
 from latentdiff.metrics.image_sources import read_json
 from latentdiff.utils.errors import FIDError
 from latentdiff.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
+from latentdiff.utils.safe_load import UnsafeFileError, load_npz
 
 __all__ = ["REFERENCE_FORMAT", "Reference", "provenance_path", "save_reference", "load_reference"]
 
@@ -97,16 +98,21 @@ def load_reference(path: str | os.PathLike) -> Reference:
                        "statistics with `python tools/fid_reference.py IMAGES --out REF.npz --resolution R` "
                        "or pass an EDM/ADM reference .npz")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            keys = list(data.keys())
-            if "mu" not in keys or "sigma" not in keys:
-                hint = (
-                    " (it holds images under arr_0: compute statistics with tools/fid_reference.py on it)"
-                    if "arr_0" in keys
-                    else ""
-                )
-                raise FIDError(f"reference {path} lacks 'mu' and/or 'sigma' (keys: {', '.join(keys) or 'none'}){hint}")
-            mu, sigma = data["mu"], data["sigma"]
+        data = load_npz(path)  # allow_pickle=False; pickled arrays are refused naming the file
+    except UnsafeFileError:
+        raise
+    except Exception as e:
+        raise FIDError(f"cannot read reference statistics {path}: {e}") from e
+    try:
+        keys = list(data)
+        if "mu" not in keys or "sigma" not in keys:
+            hint = (
+                " (it holds images under arr_0: compute statistics with tools/fid_reference.py on it)"
+                if "arr_0" in keys
+                else ""
+            )
+            raise FIDError(f"reference {path} lacks 'mu' and/or 'sigma' (keys: {', '.join(keys) or 'none'}){hint}")
+        mu, sigma = data["mu"], data["sigma"]
     except FIDError:
         raise
     except Exception as e:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from latentdiff.training.power_ema import power_beta, sigma_rel_to_gamma
 from latentdiff.utils.dist import is_distributed
 from latentdiff.utils.errors import TrainError
+from latentdiff.utils.safe_load import load_safetensors, open_safetensors
 
 __all__ = ["EMA", "PowerEMA", "consolidate", "is_zero3_param"]
 
@@ -92,7 +92,7 @@ class EMA:
         if not path.is_file():
             raise TrainError(f"{path} is missing: the checkpoint has no {self.KIND} for this rank (an incomplete "
                              "checkpoint, or one written with other EMA settings: use those, or a new --run-dir)")
-        with safe_open(str(path), "pt") as f:
+        with open_safetensors(path) as f:
             meta = f.metadata() or {}
         if self.zero3 and json.loads(meta.get("world_size", "0")) != world_size:
             raise TrainError(
@@ -101,7 +101,7 @@ class EMA:
             )
         if json.loads(meta.get("rates", "[]")) != self.rates:
             raise TrainError(f"{path}: {self.KIND} {meta.get('rates')} differ from the config's {self.rates}")
-        tensors = load_file(str(path))
+        tensors = load_safetensors(path)
         with torch.no_grad():
             for r, sh in self.shadow.items():
                 for n, t in zip(self.names, sh):
@@ -163,14 +163,14 @@ def consolidate(directory: str | Path, stem: str = EMA.STEM) -> dict[float, dict
         files = sorted(directory.glob(f"{stem}_rank*.safetensors"))
         if not files:
             raise TrainError(f"{directory} holds no EMA ({stem}.safetensors or {stem}_rank*.safetensors)")
-    with safe_open(str(files[0]), "pt") as f:
+    with open_safetensors(files[0]) as f:
         meta = f.metadata() or {}
     rates = json.loads(meta["rates"])
     shapes, numels = json.loads(meta["shapes"]), json.loads(meta["numels"])
     zero3 = json.loads(meta["zero3"])
     if zero3 and len(files) != json.loads(meta["world_size"]):
         raise TrainError(f"{directory}: {len(files)} EMA shards found, {meta['world_size']} expected (incomplete checkpoint)")
-    shards = [load_file(str(p)) for p in files]
+    shards = [load_safetensors(p) for p in files]
     out: dict[float, dict[str, torch.Tensor]] = {}
     for r in rates:
         out[r] = {}

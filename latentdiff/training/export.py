@@ -17,10 +17,15 @@ from safetensors.torch import save_file
 from latentdiff.contracts.export import ExportMeta
 from latentdiff.contracts.schedule import TrainingSchedule
 from latentdiff.models import from_config
-from latentdiff.training.state import STATE_FILE, TrainerState, load_trainer_state
 from latentdiff.training.ema import PowerEMA, consolidate
+from latentdiff.training.state import STATE_FILE, TrainerState, load_trainer_state
 from latentdiff.utils.errors import ExportError
-from latentdiff.utils.io import atomic_dir
+from latentdiff.utils.io import atomic_dir, sha256_file
+from latentdiff.utils.safe_load import (
+    deepspeed_globals,
+    safe_torch_load_scope,
+    torch_load,
+)
 
 __all__ = ["export_checkpoint", "write_weights_export"]
 
@@ -36,14 +41,18 @@ def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _raw_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights from a DeepSpeed checkpoint directory (no process group needed)."""
+    """fp32 weights from a DeepSpeed checkpoint directory (no process group needed).
+
+    DeepSpeed's ``zero_to_fp32`` loads with ``torch.load(weights_only=False)``: it runs inside
+    :func:`~latentdiff.utils.safe_load.safe_torch_load_scope` (weights_only, DeepSpeed's classes only)."""
     if list(ckpt.glob("*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        with safe_torch_load_scope():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:  # ZeRO-0: the module state is the weights
         files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise ExportError(f"{ckpt} holds no DeepSpeed model or optimizer states")
-        state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+        state = torch_load(files[0], allow=deepspeed_globals())["module"]
     return _strip(state)
 
 
@@ -92,6 +101,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
             for s, tensors in consolidate(ckpt, stem=PowerEMA.STEM).items():
                 weights["phema"][repr(float(s))] = phema_file(s)
                 save_file({**{k: v.float() for k, v in buffers.items()}, **_strip(tensors)}, str(tmp / phema_file(s)))
+        weights["sha256"] = {f: sha256_file(tmp / f) for f in [weights["raw"], *weights["ema"].values(),
+                                                                 *weights.get("phema", {}).values()]}
         _metadata(state, ckpt, weights).write(tmp)
     return out
 
@@ -119,5 +130,6 @@ def write_weights_export(ckpt: str | Path, out: str | Path, phema: dict[float, d
         for s, tensors in phema.items():
             weights["phema"][repr(float(s))] = phema_file(s)
             save_file({**buffers, **{k: v.float().contiguous() for k, v in tensors.items()}}, str(tmp / phema_file(s)))
+        weights["sha256"] = {f: sha256_file(tmp / f) for f in weights["phema"].values()}
         _metadata(state, ckpt, weights, step, images_seen).write(tmp)
     return out

@@ -39,6 +39,7 @@ from latentdiff.training.tb import StepMetrics, TBWriter, reduce_metrics, write_
 from latentdiff.utils import dist as ldist
 from latentdiff.utils.errors import TrainError
 from latentdiff.utils.io import atomic_write_json
+from latentdiff.utils.safe_load import safe_torch_load_scope
 from latentdiff.utils.seeds import step_seed
 
 __all__ = ["Trainer", "log_above_bar"]
@@ -144,9 +145,10 @@ class Trainer:
                             force=cfg.force_resume, model_config=self.model_config)
         if diff and self.is_main:
             self.log("warning: resuming with a changed config (--force-resume):\n  " + "\n  ".join(diff))
-        load_path, _ = self.engine.load_checkpoint(
-            str(self.ckpt_root), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        with safe_torch_load_scope():  # DeepSpeed's checkpoint engine loads with weights_only=False
+            load_path, _ = self.engine.load_checkpoint(
+                str(self.ckpt_root), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if load_path is None:
             raise TrainError(f"DeepSpeed could not load {ckpt}")
         self.ema.load(ckpt, self.rank, self.world)
