@@ -153,6 +153,46 @@ def test_corrupt_or_truncated_shard_is_named(data_dir, tmp_path):
         verify_dataset(bad, rank=0, world_size=1)
 
 
+def _flip_inside_mean_npy(path: Path, n: int = 64) -> None:
+    """Flip ``n`` bytes inside the array data of the first sample's mean.npy (sizes and headers unchanged)."""
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"\x93NUMPY") + 128  # past the 128-byte .npy header
+    for k in range(n):
+        raw[start + k] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_default_check_catches_content_corruption_and_old_datasets_fall_back(data_dir, tmp_path):
+    """64 flipped bytes inside a shard's mean.npy: the default verify mode names the shard, the sample
+    and the fix as the sample is read; a dataset without per-sample checksums says so in one note."""
+    from latentdiff.training.config import TrainConfig
+
+    assert TrainConfig().verify_shards == "sample"
+    bad = tmp_path / "ds"
+    shutil.copytree(data_dir, bad)
+    name = load_manifest(bad).shards[2].name
+    _flip_inside_mean_npy(bad / name)
+    for workers in (0, 2):
+        loader, ds = make_loader(bad, 1, num_workers=workers, rank=0, world_size=1, verify="sample", shuffle=False)
+        assert ds.notes == []
+        with pytest.raises(Exception, match=rf"shard .*{name}: sample '\d+' does not match its checksum; .*"
+                                            r"restore .* re-run the same tools/encode_latents.py command"):
+            _epoch(loader)
+    # the intact dataset reads the same batches with and without the per-sample check
+    a = [b[0] for b in _epoch(make_loader(data_dir, 4, num_workers=0, rank=0, world_size=1, verify="sample")[0])]
+    b = [b[0] for b in _epoch(make_loader(data_dir, 4, num_workers=0, rank=0, world_size=1, verify="size")[0])]
+    assert len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b))
+    # a dataset encoded before per-sample checksums: the size check, with one line saying so
+    old = tmp_path / "old"
+    shutil.copytree(data_dir, old)
+    d = json.loads((old / "dataset.json").read_text())
+    del d["stored"]["checksum"]
+    (old / "dataset.json").write_text(json.dumps(d))
+    ds = LatentShardDataset(old, 1, rank=0, world_size=1, verify="sample", shuffle=False)
+    assert len(ds.notes) == 1 and "no per-sample checksums" in ds.notes[0] and "--verify-shards sha256" in ds.notes[0]
+    assert not ds.check_samples
+
+
 def test_sample_latent_is_fresh_and_exact():
     mean = torch.randn(4, 3, 8, 8)
     std = torch.rand(4, 3, 8, 8) + 0.1

@@ -178,6 +178,7 @@ def test_decode_skip_reasons(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr("builtins.open", deny)
+        m.setattr("os.open", deny)
         with pytest.raises(ImageSkip) as ei:
             read_item_bytes(InputItem(str(p)))
     assert ei.value.reason == "unreadable" and "Permission" in ei.value.detail
@@ -604,3 +605,59 @@ def test_nonfinite_latents_are_skipped_not_stored(tmp_path, folder, monkeypatch)
         assert np.isfinite(npy_load(smp["mean.npy"])).all() and np.isfinite(npy_load(smp["std.npy"])).all()
     assert summary["num_samples"] == len(samples) == 15 - len(skipped)
     assert DatasetStats.load(out).n == len(samples)
+
+
+_BOUNDED_READ = """
+import os, resource, sys
+from latentdiff.data.images import ImageSkip
+from latentdiff.data.inputs import InputItem, read_item_bytes
+vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), vm + (1 << 30)))  # an unbounded read dies here, not the machine
+for path in sys.argv[1:]:
+    try:
+        read_item_bytes(InputItem(path), 50_000)
+        print(path, 'read')
+    except ImageSkip as s:
+        print(path, s.reason, s.detail)
+"""
+
+
+def test_devices_fifos_and_huge_files_are_skipped_unread(tmp_path):
+    """A link to /dev/zero, a FIFO and a file over --max-file-bytes are skipped with the reason in
+    skipped.jsonl (they used to grow a worker to tens of GB / hang for ever); an empty folder says so."""
+    import subprocess
+    import sys
+
+    photo = load_photo("astronaut")
+    cls = tmp_path / "in" / "c"
+    cls.mkdir(parents=True)
+    (cls / "good.png").write_bytes(_png_bytes(photo[:64, :64]))
+    os.symlink("/dev/zero", cls / "z.png")
+    os.mkfifo(cls / "f.jpg")
+    big = _png_bytes(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    assert len(big) > 50_000
+    (cls / "big.png").write_bytes(big)
+    # the read itself, in a child with a memory cap and a time limit (what a bug would cost)
+    paths = [str(cls / n) for n in ("z.png", "f.jpg", "big.png", "good.png")]
+    p = subprocess.run([sys.executable, "-c", _BOUNDED_READ, *paths], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = dict(line.split(" ", 2)[:2] for line in p.stdout.splitlines())
+    assert got == {paths[0]: "not_a_regular_file", paths[1]: "not_a_regular_file", paths[2]: "too_large",
+                   paths[3]: "read"}, p.stdout
+    assert "a character device (/dev/zero)" in p.stdout and "a FIFO" in p.stdout
+    # the encoder: the good image is encoded, the others are recorded with their reason
+    out = tmp_path / "out"
+    summary = encode_dataset(EncodeConfig(inputs=[str(tmp_path / "in")], output=str(out), resolution=RES, vae="none",
+                                          progress=False, workers=1, batch_size=4, max_file_bytes=50_000))
+    skipped = {Path(s["path"]).name: s for s in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
+    assert {k: v["reason"] for k, v in skipped.items()} == {
+        "z.png": "not_a_regular_file", "f.jpg": "not_a_regular_file", "big.png": "too_large"}
+    assert "--max-file-bytes 50000" in skipped["big.png"]["detail"]
+    assert summary["num_samples"] == 1
+    # a folder without images: no empty skipped.jsonl to look at, the message says what was searched
+    (tmp_path / "empty" / "c").mkdir(parents=True)
+    (tmp_path / "empty" / "c" / "notes.txt").write_text("x")
+    with pytest.raises(EncodeError, match="no image files found under .*empty"):
+        encode_dataset(EncodeConfig(inputs=[str(tmp_path / "empty")], output=str(tmp_path / "o2"), resolution=RES,
+                                    vae="none", progress=False, workers=0))

@@ -170,18 +170,25 @@ def test_exact_count_lossless_png_and_npz(real_export, tmp_path):
 
 
 def test_identical_across_batch_sizes_and_padding(real_export, loaded, tmp_path):
-    """Same seeds, different --batch / --decode-batch -> the same PNG bytes; padding leaves real rows unchanged."""
+    """Same seeds, different --batch / --decode-batch -> the same PNG bytes on any CPU (the solver, network
+    and VAE always run on micro-batches of --micro-batch rows); padding leaves real rows unchanged."""
+    import torch.backends.cpu
+
     from latentdiff.solvers.generate import generate_latents
 
     ref = None
-    for batch, dec in ((3, 8), (7, 2), (4, 5)):
+    for batch, dec in ((3, 8), (7, 2), (4, 5), (1, 1)):
         out = tmp_path / f"b{batch}"
-        sample_cli(real_export, out, "--seeds", "0-6", "--batch", batch, "--decode-batch", dec, "--nfe", 7, "--grid", 0)
+        res = sample_cli(real_export, out, "--seeds", "0-6", "--batch", batch, "--decode-batch", dec, "--nfe", 7,
+                         "--grid", 0, "--micro-batch", 4)
         b = png_bytes(out)
         assert len(b) == 7
         if ref is None:
             ref = b
         assert b == ref, f"--batch {batch} --decode-batch {dec} changed the images"
+        # the fixed shape and the kernel settings are recorded
+        assert res["micro_batch"] == 4 and res["intra_op_threads"] == torch.get_num_threads()
+        assert res["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     den, meta = loaded
     kw = dict(num_classes=3, method="nfe-guided", nfe=5, sigma_max=meta.schedule.sigma_max)
     full, _ = generate_latents(den, [0, 1, 2, 3, 4], (4, 16, 16), **kw)
@@ -212,11 +219,14 @@ def test_resume_redoes_only_missing_or_corrupt(real_export, tmp_path, capsys):
     # nothing left to do: still a complete record
     res = sample_cli(real_export, out, "--seeds", "0-7", "--batch", 3, "--nfe", 7)
     assert res["generated_this_run"] == 0 and res["nfe_used"] == 7 and png_bytes(out) == ref
-    # another batch size only warns (forward shapes), the images stay the same
+    # another --batch / --decode-batch resumes silently (they only group the fixed-shape micro-batches) ...
     capsys.readouterr()
     (imgs / "000001.png").unlink()
-    sample_cli(real_export, out, "--seeds", "0-7", "--batch", 5, "--nfe", 7)
-    assert "network_batch" in capsys.readouterr().err and png_bytes(out) == ref
+    sample_cli(real_export, out, "--seeds", "0-7", "--batch", 5, "--decode-batch", 3, "--nfe", 7)
+    assert "warning" not in capsys.readouterr().err and png_bytes(out) == ref
+    # ... another micro-batch (another kernel shape) would mix two sample sets: refused
+    sample_cli(real_export, out, "--seeds", "0-7", "--nfe", 7, "--micro-batch", 2, expect=2)
+    assert "micro_batch: 8 -> 2" in capsys.readouterr().err
     # another solver / NFE / guidance would mix two sample sets: refused, nothing touched
     for extra in (["--nfe", 9], ["--solver", "heun"], ["--sigma-max", "edm"], ["--cfg", 2]):
         sample_cli(real_export, out, "--seeds", "0-7", *extra, expect=2)
@@ -261,10 +271,10 @@ def test_nfe_reported_equals_counted_calls_and_sigma_grid(real_export, tmp_path,
     cases += [("dpm-2m", ["--nfe", 7]), ("dpm-3m", ["--steps", 6])]
     for i, (solver, extra) in enumerate(cases):
         calls.clear()
-        res = sample_cli(real_export, tmp_path / f"s{i}", "--seeds", "0-1", "--batch", 2, "--solver", solver, *extra,
-                         "--grid", 0, "--no-npz")
+        res = sample_cli(real_export, tmp_path / f"s{i}", "--seeds", "0-1", "--micro-batch", 2, "--solver", solver,
+                         *extra, "--grid", 0, "--no-npz")
         assert len(calls) == res["nfe_used"] == len(res["eval_sigmas"]), (solver, extra, calls, res["nfe_used"])
-        assert set(calls) == {2}  # one forward of the (fixed-size) batch per denoiser call
+        assert set(calls) == {2}  # one forward of the fixed-size micro-batch per denoiser call
         if "--nfe" in extra:
             assert res["nfe_used"] <= extra[extra.index("--nfe") + 1]
         g = res["sigma_grid"]
@@ -278,9 +288,9 @@ def test_nfe_reported_equals_counted_calls_and_sigma_grid(real_export, tmp_path,
     res = sample_cli(real_export, tmp_path / "plan", "--seeds", "0", "--solver", "nfe-guided", "--nfe", 7, "--grid", 0,
                      "--no-npz")
     assert res["plan"]["steps"] + 1 == len(res["sigma_grid"])
-    # a second chunk repeats the same plan: forwards = chunks x NFE
+    # a second micro-batch repeats the same plan: forwards = micro-batches x NFE
     calls.clear()
-    res = sample_cli(real_export, tmp_path / "two", "--seeds", "0-2", "--batch", 2, "--nfe", 5, "--grid", 0)
+    res = sample_cli(real_export, tmp_path / "two", "--seeds", "0-2", "--micro-batch", 2, "--nfe", 5, "--grid", 0)
     assert calls == [2] * (2 * res["nfe_used"])
     # impossible settings are refused before any work
     for extra, msg in ((["--solver", "hybrid"], "steps"), (["--solver", "nfe-guided", "--steps", 4], "nfe"),
@@ -307,7 +317,7 @@ def test_cfg_scale_one_is_the_conditional_model(real_export, loaded, tmp_path, m
     from latentdiff.solvers import sample
 
     den, meta = loaded
-    nfe_guided = ("--solver", "nfe-guided")
+    nfe_guided = ("--solver", "nfe-guided", "--micro-batch", 3)  # the 3 seeds are one solver run
     base = sample_cli(real_export, tmp_path / "w1", "--seeds", "0-2", "--nfe", 5, "--grid", 0, *nfe_guided)
     with np.load(tmp_path / "w1" / "samples.npz") as z:
         img1, labels = z["arr_0"], torch.from_numpy(z["arr_1"])
@@ -345,8 +355,8 @@ def test_cfg_scale_one_is_the_conditional_model(real_export, loaded, tmp_path, m
             calls.clear()
             out = tmp_path / f"{m}{batch}"
             res = sample_cli(real_export, out, "--seeds", "0-2", "--nfe", 7, "--cfg", 2, "--guidance-interval", "0.1,1.0",
-                             "--solver", m, "--batch", batch, "--grid", 0)
-            assert set(calls) == {2 * batch} and res["network_evals_per_image"] == 2 * res["nfe_used"]
+                             "--solver", m, "--batch", batch, "--micro-batch", 3, "--grid", 0)
+            assert set(calls) == {2 * 3} and res["network_evals_per_image"] == 2 * res["nfe_used"]
             assert res["sigma_grid_per_image"] and res["sigma_grid_seed"] == 0
             ref = ref or png_bytes(out)
             assert png_bytes(out) == ref
@@ -711,10 +721,23 @@ def test_sample_config_from_yaml_and_flags_with_help(tmp_path):
     assert (cfg.solver, cfg.nfe, cfg.no_npz, cfg.no_progress, cfg.seeds) == ("edm-stochastic", 11, True, True, "0-3")
     assert cfg.steps is None and cfg.solver_options() == {"s_churn": 5.0}
     text = build_parser().format_help()
-    for flag, words in (("--decode-batch", "latents per VAE decode"), ("--h-tau", "Algorithm 1"), ("--no-npz", "samples.npz")):
+    for flag, words in (("--decode-batch", "latents handed to the VAE"), ("--micro-batch", "fixed kernel shapes"), ("--h-tau", "Algorithm 1"), ("--no-npz", "samples.npz")):
         assert flag in text and words in text
     y.write_text("solvr: heun\n")
     with pytest.raises(ConfigError, match="solver"):
         config_from_args(SampleConfig, build_parser().parse_args(["--config", str(y)]))
     with pytest.raises(SampleError, match="s_churn"):  # an option the solver does not use is refused
         SampleConfig(export="e", out="o", solver="heun", s_churn=1.0).validate()
+
+
+def test_resume_with_other_kernel_settings_warns_and_another_shape_is_refused(tmp_path):
+    """The output directory's fingerprint: the thread count / SIMD level only warn (same shapes, possibly
+    other rounding), the micro-batch shape is part of what determines the pixels."""
+    from latentdiff.sampling.outdir import _compare
+
+    old = {"solver": "auto", "micro_batch": 8, "intra_op_threads": 2, "cpu_capability": "AVX512"}
+    error, notes = _compare(tmp_path, old, {**old, "intra_op_threads": 1, "cpu_capability": "AVX2"})
+    assert error is None and len(notes) == 2 and all("round differently" in n for n in notes)
+    error, _ = _compare(tmp_path, old, {**old, "micro_batch": 4})
+    assert error and "micro_batch: 8 -> 4" in error
+    assert _compare(tmp_path, old, dict(old)) == (None, [])

@@ -1,7 +1,8 @@
 """The export contract: what the train stage hands to the sample stage (``model.json`` + safetensors).
 
 An export directory holds ``raw.safetensors`` (consolidated fp32 weights), one ``ema-<rate>.safetensors``
-per EMA rate and ``model.json`` (:class:`ExportMeta`): the network config (``latentdiff.models``; it
+per EMA rate, one ``phema-<sigma_rel>.safetensors`` per power-function EMA (EDM2; tracked in training or
+reconstructed post hoc by ``latentdiff-reconstruct-ema``, whose exports hold no raw weights) and ``model.json`` (:class:`ExportMeta`): the network config (``latentdiff.models``; it
 also holds the class count and the null class), the preconditioning kind and parameters, the training
 schedule (:class:`~latentdiff.contracts.schedule.TrainingSchedule`: normalization, sigma_data, sigma
 range and its rule, training distribution, WSNR alignment), the VAE description, the dataset record
@@ -39,6 +40,13 @@ _STORED_ELSEWHERE = {"normalization": "schedule.normalization", "num_classes": "
                      "null_label": "model.null_label", "label_dropout": "train_config.label_dropout"}
 
 
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return math.isclose(float(a), float(b))
+    except ValueError:
+        return False
+
+
 def export_hash(export_dir: str | Path) -> str:
     """sha256 over model.json and the weight files (what sampling.json records)."""
     d = Path(export_dir)
@@ -71,7 +79,7 @@ class ExportMeta:
     precond: dict  # {"kind": ...} plus the wrapper's parameters; EDM's sigma_data is schedule.sigma_data
     schedule: TrainingSchedule
     vae: dict | str
-    weights: dict  # {"raw": file, "ema": {rate: file}}
+    weights: dict  # {"raw": file or None, "ema": {rate: file}, optional "phema": {sigma_rel: file}}
     dataset: dict = field(default_factory=dict)
     step: int | None = None
     images_seen: int | None = None
@@ -106,10 +114,22 @@ class ExportMeta:
         return spec
 
     def weights_file(self, choice: str = "ema", where: str = MODEL_JSON) -> str:
-        """The file of ``choice``: ``ema`` (the largest rate), an EMA rate such as ``0.9999``, or ``raw``."""
+        """The file of ``choice``: ``ema`` (the largest rate; without fixed-rate EMAs the widest power EMA),
+        an EMA rate such as ``0.9999``, ``phema-<sigma_rel>`` such as ``phema-0.1``, or ``raw``."""
+        phema = self.weights.get("phema") or {}
         if choice == "raw":
+            if self.weights["raw"] is None:
+                raise ExportError(f"{where}: this export holds no raw weights (a post-hoc EMA reconstruction); "
+                                  f"use weights 'ema' or one of {sorted('phema-' + k for k in phema)}")
             return self.weights["raw"]
+        if choice.startswith("phema-"):
+            key = next((k for k in phema if _same_number(k, choice[len("phema-"):])), None)
+            if key is None:
+                raise ExportError(f"{where}: no power EMA {choice}; available: {sorted('phema-' + k for k in phema)}")
+            return phema[key]
         emas = self.weights["ema"]
+        if choice == "ema" and not emas and phema:
+            return phema[max(phema, key=float)]
         if not emas:
             raise ExportError(f"{where}: the export has no EMA weights; use weights='raw'")
         if choice == "ema":
@@ -147,8 +167,11 @@ class ExportMeta:
             self.null_label
         except ConfigError as e:
             raise ExportError(f"{where}: {e}") from None
-        if not (isinstance(self.weights.get("raw"), str) and isinstance(self.weights.get("ema"), dict)):
-            raise ExportError(f"{where}: weights must name the raw file and a mapping of EMA rates; {REEXPORT}")
+        raw, phema = self.weights.get("raw"), self.weights.get("phema", {})
+        if not ((isinstance(raw, str) or (raw is None and phema)) and isinstance(self.weights.get("ema"), dict)
+                and isinstance(phema, dict)):
+            raise ExportError(f"{where}: weights must name the raw file (or, in a post-hoc EMA export, power EMAs) "
+                              f"and a mapping of EMA rates; {REEXPORT}")
         return self
 
     def to_dict(self) -> dict:

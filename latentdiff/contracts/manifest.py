@@ -91,6 +91,7 @@ class DatasetManifest:
     command: str = ""
     created_utc: str = ""
     latentdiff_version: str = ""
+    sample_checksums: str | None = "sha256"  # each sample's checksum member; None in datasets made before it
 
     # derived values ----------------------------------------------------------------------------
     @property
@@ -156,6 +157,8 @@ class DatasetManifest:
             bad(f"{len(self.class_names)} class_names but num_classes is {self.num_classes}")
         if not 0 <= self.num_labelled <= self.num_samples:
             bad(f"num_labelled {self.num_labelled} is outside [0, {self.num_samples}] (the samples of the shards)")
+        if self.sample_checksums not in (None, "sha256"):
+            bad(f"stored.checksum is {self.sample_checksums!r}, expected 'sha256' or absent")
         return self
 
     def _validate_vae(self, bad) -> None:
@@ -181,7 +184,7 @@ class DatasetManifest:
             "command": self.command, "latentdiff_version": self.latentdiff_version, "vae": self.vae,
             "vae_precision": self.vae_precision, "pixel_range": list(self.pixel_range),
             "resolution": self.resolution, "sample_shape": list(self.sample_shape),
-            "stored": _stored(self.is_pixel),
+            "stored": _stored(self.is_pixel, self.sample_checksums),
             "preprocessing": {"crop": CROP, "min_size": self.min_size, "max_pixels": self.max_pixels,
                               "flip": self.flip, "rgb": RGB},
             "num_labelled": self.num_labelled, "num_classes": self.num_classes, "class_names": self.class_names,
@@ -228,6 +231,7 @@ class DatasetManifest:
             inputs=list(d.get("inputs") or []), listing_sha256=str(d.get("listing_sha256", "")),
             num_listed=int(d.get("num_listed", 0)), command=str(d.get("command", "")),
             created_utc=str(d.get("created_utc", "")), latentdiff_version=str(d.get("latentdiff_version", "")),
+            sample_checksums=(d.get("stored") or {}).get("checksum"),
         )
 
     def _check_v1_totals(self, d: dict, where: str) -> None:
@@ -252,12 +256,15 @@ def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def _stored(pixel: bool) -> dict:
+def _stored(pixel: bool, checksum: str | None = "sha256") -> dict:
     """What the shard members hold (a description written beside the values)."""
-    return {"mean": "mean.npy", "std": "std.npy", "dtype": "float16", "label": "cls", "meta": "json",
-            "content": ("pixels in [-1, 1] (mean.npy); std.npy = 0" if pixel
-                        else "VAE posterior mean and std, raw VAE space (no scaling/shift applied)"),
-            "key": "%09d global image index; '-flip' suffix for the mirrored copy"}
+    out = {"mean": "mean.npy", "std": "std.npy", "dtype": "float16", "label": "cls", "meta": "json",
+           "content": ("pixels in [-1, 1] (mean.npy); std.npy = 0" if pixel
+                       else "VAE posterior mean and std, raw VAE space (no scaling/shift applied)"),
+           "key": "%09d global image index; '-flip' suffix for the mirrored copy"}
+    if checksum:
+        out["checksum"] = checksum  # member <key>.sha256: latentdiff.data.shards.sample_digest of the others
+    return out
 
 
 def load_manifest(root: str | Path) -> DatasetManifest:

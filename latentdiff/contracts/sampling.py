@@ -65,7 +65,9 @@ class SamplingRecord:
     world_size: int = 1
     network_batch: int | None = None
     decode_batch: int | None = None
+    micro_batch: int | None = None
     intra_op_threads: int | None = None
+    cpu_capability: str | None = None
     generated_this_run: int = 0
     seconds: float | None = None
     images_per_second: float | None = None

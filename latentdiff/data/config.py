@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from latentdiff.data.images import DEFAULT_MAX_PIXELS
+from latentdiff.data.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from latentdiff.utils.errors import EncodeError
 from latentdiff.vae.autoencoder import DEFAULT_VAE, PRECISIONS
 
@@ -40,6 +40,8 @@ class EncodeConfig:
     workers: int = field(default=4, **_help("DataLoader processes decoding images (0 = decode in the main process)"))
     min_size: int | None = field(default=None, **_help("skip images whose short side is below this (none = resolution/2)"))
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, **_help("skip images with more pixels (decompression bombs)"))
+    max_file_bytes: int = field(default=DEFAULT_MAX_FILE_BYTES, **_help(
+        "skip input files (and tar members) larger than this many bytes unread (default 256 MiB)"))
     val_fraction: float = field(default=0.0, **_help(
         "hold out this fraction of the listed images as a validation dataset (deterministic by file name; "
         "latentdiff.data.split)"))
@@ -65,6 +67,7 @@ class EncodeConfig:
             ("--batch-size", self.batch_size, 1, "images per VAE batch, e.g. 32"),
             ("--workers", self.workers, 0, "DataLoader decode processes, e.g. 4 (0 = decode in the main process)"),
             ("--max-pixels", self.max_pixels, 1, "the decompression-bomb limit in pixels"),
+            ("--max-file-bytes", self.max_file_bytes, 1, "the largest input file read, in bytes"),
         ]
         for name, value, lo, what in checks:
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:

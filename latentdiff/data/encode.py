@@ -33,11 +33,13 @@ from latentdiff.contracts.manifest import FORMAT
 from latentdiff.data.config import EncodeConfig
 from latentdiff.data.encode_chunks import encode_chunks, read_sidecar
 from latentdiff.data.encode_finish import finish_dataset, on_rank0
+from latentdiff.data.images import DEFAULT_MAX_FILE_BYTES, IMAGE_EXTENSIONS
 from latentdiff.data.inputs import list_inputs
 from latentdiff.data.manifest import FINGERPRINT_VERSION, check_or_write_fingerprint
 from latentdiff.data.shards import sidecar_name
 from latentdiff.data.split import held_out, select, write_split_record
 from latentdiff.utils.dist import barrier, device, get_rank, get_world_size, init_distributed
+from latentdiff.utils.errors import EncodeError
 from latentdiff.vae.autoencoder import Autoencoder
 
 __all__ = ["EncodeConfig", "encode_dataset", "format_summary"]
@@ -57,6 +59,8 @@ def _fingerprint(cfg: EncodeConfig, vae_desc: dict, listing) -> dict:
         "min_size": cfg.min_size,
         "max_pixels": cfg.max_pixels,
         "shard_size": cfg.shard_size,
+        # only when set: outputs of earlier versions (no such cap) keep resuming
+        **({"max_file_bytes": cfg.max_file_bytes} if cfg.max_file_bytes != DEFAULT_MAX_FILE_BYTES else {}),
     }
 
 
@@ -83,6 +87,11 @@ def _plan(cfg: EncodeConfig, ae: Autoencoder, out: Path, part=None) -> dict:
     """Rank 0: listing (``part``: the listing -> the part of it to encode), output-dir check, cleanup of
     temporaries, list of pending chunks."""
     listing = list_inputs(cfg.inputs)
+    if not listing.items:
+        found = "; ".join(f"{p['path']}: {p['detail']}" for p in listing.problems)
+        raise EncodeError(f"no image files found under {', '.join(listing.inputs)} (extensions "
+                          f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case; hidden files are ignored)"
+                          + (f"; {found}" if found else ""))
     if part is not None:
         listing = part(listing)
     fp = _fingerprint(cfg, ae.description(), listing)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from latentdiff.data.config import EncodeConfig
-from latentdiff.data.images import ImageSkip, load_and_preprocess
+from latentdiff.data.images import DEFAULT_MAX_FILE_BYTES, ImageSkip, load_and_preprocess
 from latentdiff.data.inputs import InputItem, read_item_bytes
 from latentdiff.data.shards import ShardSample, shard_name, sidecar_name, write_shard
 from latentdiff.data.stats import RGB_REF_SIZE, ShardPartial, rgb64_power, shard_partial
@@ -32,9 +32,11 @@ __all__ = ["ImageDataset", "encode_chunks", "read_sidecar"]
 class ImageDataset(torch.utils.data.Dataset):
     """Map-style dataset over this rank's (global index, item) entries; never raises on bad input."""
 
-    def __init__(self, entries, resolution: int, min_size: int, max_pixels: int, flip: bool):
+    def __init__(self, entries, resolution: int, min_size: int, max_pixels: int, flip: bool,
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
         self.entries = entries
         self.resolution, self.min_size, self.max_pixels, self.flip = resolution, min_size, max_pixels, flip
+        self.max_file_bytes = max_file_bytes
 
     def __len__(self):
         return len(self.entries)
@@ -43,7 +45,7 @@ class ImageDataset(torch.utils.data.Dataset):
         gi, item_t = self.entries[j]
         item = InputItem(*item_t)
         try:
-            data = read_item_bytes(item)
+            data = read_item_bytes(item, self.max_file_bytes)
             img = load_and_preprocess(data, self.resolution, min_size=self.min_size, max_pixels=self.max_pixels)
             rgb = rgb64_power(img)[None]
             if self.flip:
@@ -184,7 +186,7 @@ def encode_chunks(cfg: EncodeConfig, ae: Autoencoder, out: Path, plan: dict, chu
     entries, state = _chunk_entries(cfg, plan, chunks)
     if not entries:
         return 0
-    ds = ImageDataset(entries, cfg.resolution, cfg.min_size, cfg.max_pixels, cfg.flip)
+    ds = ImageDataset(entries, cfg.resolution, cfg.min_size, cfg.max_pixels, cfg.flip, cfg.max_file_bytes)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers, collate_fn=_collate,
         pin_memory=ae.device.type == "cuda", prefetch_factor=4 if cfg.workers > 0 else None,

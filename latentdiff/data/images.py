@@ -27,6 +27,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SKIP_REASONS",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_FILE_BYTES",
     "ImageSkip",
     "decode_image",
     "to_rgb",
@@ -41,6 +42,8 @@ IMAGE_EXTENSIONS = frozenset(
 SKIP_REASONS = {
     "empty_file": "the file has 0 bytes",
     "unreadable": "the file could not be read (permissions, missing, a directory, I/O error)",
+    "not_a_regular_file": "not a regular file (a device such as a link to /dev/zero, a FIFO, a socket): never read",
+    "too_large": "the file (or tar member) is larger than --max-file-bytes: never read",
     "not_an_image": "PIL cannot identify the file as an image",
     "corrupt": "the image data is corrupt or ends early (PIL cannot decode it)",
     "truncated": "a tar member is shorter than its header says",
@@ -51,6 +54,10 @@ SKIP_REASONS = {
     "corrupt_container": "a tar input is truncated or corrupt; its later members are lost",
     "error": "an unexpected error while decoding",
 }
+
+# larger inputs are skipped unread: 256 MiB is ~10x the largest ImageNet / LAION JPEG and bounds each
+# decode worker's memory
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 
 # PIL's own default (about 89.5 Mpx, a 0.25 GB RGB image); above it PIL warns, above 2x it raises.
 DEFAULT_MAX_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from latentdiff.utils.errors import EncodeError
-from latentdiff.data.images import IMAGE_EXTENSIONS, ImageSkip
+from latentdiff.data.images import DEFAULT_MAX_FILE_BYTES, IMAGE_EXTENSIONS, ImageSkip
 
 __all__ = ["InputItem", "Listing", "list_inputs", "read_item_bytes"]
 
@@ -211,12 +212,49 @@ def list_inputs(inputs: list[str]) -> Listing:
     return Listing(items, labels, class_names, num_classes, problems, [str(p) for p in resolved])
 
 
-def read_item_bytes(item: InputItem) -> bytes:
-    """Raw bytes of one input, or :class:`ImageSkip` (``unreadable``/``truncated``)."""
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _read_regular_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path`` (after symlinks), never more than ``max_bytes``.
+
+    Opened non-blocking (opening a FIFO for reading would wait for a writer for ever) and checked with
+    ``fstat`` on the open descriptor, so a file swapped after listing is still checked."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageSkip("unreadable", f"{path} is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            target = os.path.realpath(path)
+            where = f" ({target})" if target != path else ""
+            raise ImageSkip("not_a_regular_file", f"{_file_kind(st.st_mode)}{where}")
+        if st.st_size > max_bytes:
+            raise ImageSkip("too_large", f"{st.st_size} bytes > --max-file-bytes {max_bytes}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)  # a file growing while read is still bounded
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise ImageSkip("too_large", f"more than --max-file-bytes {max_bytes} bytes (the file grew while read)")
+    return data
+
+
+def read_item_bytes(item: InputItem, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """Raw bytes of one input, or :class:`ImageSkip`: ``not_a_regular_file`` (devices, FIFOs, sockets,
+    also behind a symlink: never opened for a blocking read), ``too_large`` (over ``max_bytes``, never
+    read), ``unreadable``, ``truncated``."""
+    if item.member is not None and item.size > max_bytes:
+        raise ImageSkip("too_large", f"tar member of {item.size} bytes > --max-file-bytes {max_bytes}")
+    try:
+        if item.member is None:
+            return _read_regular_file(item.source, max_bytes)
         with open(item.source, "rb") as f:
-            if item.member is None:
-                return f.read()
             f.seek(item.offset)
             data = f.read(item.size)
     except OSError as exn:

@@ -43,13 +43,16 @@ import torch
 import webdataset as wds
 
 from latentdiff.contracts.manifest import MANIFEST_NAME, DatasetManifest, load_manifest
-from latentdiff.data.shards import iter_tar, npy_load
+from latentdiff.data.shards import check_sample, iter_tar, npy_load
 from latentdiff.data.stats import DatasetStats
 from latentdiff.utils.dist import all_gather_object, get_rank, get_world_size
 from latentdiff.utils.errors import DataError
 from latentdiff.utils.io import sha256_file
 
+VERIFY_MODES = ("sample", "sha256", "size", "none")
+
 __all__ = [
+    "VERIFY_MODES",
     "LatentShardDataset",
     "make_loader",
     "sample_latent",
@@ -113,15 +116,16 @@ def verify_dataset(root: str | Path, manifest: DatasetManifest | None = None, *,
                    rank: int | None = None, world_size: int | None = None) -> dict:
     """Check the shards against the manifest before training.
 
-    ``mode``: ``"sha256"`` (size + checksum), ``"size"`` (existence + byte size) or ``"none"``.
+    ``mode``: ``"sha256"`` (size + checksum of every whole file), ``"size"`` (existence + byte size; also what
+    ``"sample"`` checks here, the per-sample checksums being verified as samples are read) or ``"none"``.
     Rank ``r`` checks shards ``i % world == r``; under torch.distributed the failures are gathered so
     every rank raises the same :class:`DataError`, which names each bad shard.  Also checks that
     ``stats.json`` describes these shards.
     """
     root = Path(root)
     manifest = manifest or load_manifest(root)
-    if mode not in ("sha256", "size", "none"):
-        raise ValueError(f"verify mode must be 'sha256', 'size' or 'none', got {mode!r}")
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify mode must be one of {', '.join(VERIFY_MODES)}, got {mode!r}")
     rank = get_rank() if rank is None else rank
     world = get_world_size() if world_size is None else world_size
     mine = manifest.shards[rank::world] if mode != "none" else []
@@ -132,7 +136,7 @@ def verify_dataset(root: str | Path, manifest: DatasetManifest | None = None, *,
             f"{len(bad)} shard(s) of {root} disagree with {root / MANIFEST_NAME}: " + "; ".join(bad[:10])
             + ". Restore the files or re-encode (delete the bad shards and their .stats.npz sidecars, "
             "then re-run the same tools/encode_latents.py command)"
-        )
+        ).on_every_rank()
     stats_path = root / "stats.json"
     if stats_path.is_file():
         sh = json.loads(stats_path.read_text()).get("shards_hash")
@@ -140,7 +144,7 @@ def verify_dataset(root: str | Path, manifest: DatasetManifest | None = None, *,
             raise DataError(
                 f"{stats_path}: shards_hash {sh} does not match dataset.json ({manifest.shards_hash}); "
                 f"recompute the statistics with tools/dataset_stats.py {root} --write"
-            )
+            ).on_every_rank()
     return {"checked": len(mine), "mode": mode}
 
 
@@ -163,8 +167,10 @@ def _read_shards(src, counts: dict[str, int]):
             raise DataError(f"shard {url} has {n} samples but dataset.json says {counts[name]}: truncated or replaced; re-encode it")
 
 
-def _decode(smp):
+def _decode(smp, check: bool = False):
     url = smp.get("__url__", "?")
+    if check:
+        check_sample(smp, url)
     try:
         mean = npy_load(smp["mean.npy"])
         std = npy_load(smp["std.npy"])
@@ -172,8 +178,13 @@ def _decode(smp):
     except KeyError as exn:
         raise DataError(f"shard {url}: sample {smp.get('__key__')!r} lacks member {exn}; re-encode the shard") from exn
     except Exception as exn:  # noqa: BLE001
-        raise DataError(f"shard {url}: sample {smp.get('__key__')!r} cannot be decoded ({type(exn).__name__}: {exn})") from exn
+        raise DataError(f"shard {url}: sample {smp.get('__key__')!r} cannot be decoded ({type(exn).__name__}: {exn}); "
+                        "the shard is corrupt: restore it or re-encode it") from exn
     return mean, std, label, smp["__key__"]
+
+
+def _decode_checked(smp):
+    return _decode(smp, check=True)
 
 
 def _collate(samples):
@@ -188,8 +199,10 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
 
     ``rank``/``world_size`` default to torch.distributed (or RANK/WORLD_SIZE); ``num_workers`` must
     equal the DataLoader's.  ``verify`` checks the shards against the manifest at construction
-    (``"sha256"``, ``"size"`` or ``"none"``); ``normalization`` (optional) is checked against the dataset
-    statistics (:func:`check_normalization`).
+    (``"sha256"``, ``"size"`` or ``"none"``); ``"sample"`` checks sizes at construction and every
+    sample's checksum as it is read (a dataset encoded before per-sample checksums falls back to
+    ``"size"``, with a line in :attr:`notes`); ``normalization`` (optional) is checked against the
+    dataset statistics (:func:`check_normalization`).
     """
 
     def __init__(
@@ -231,8 +244,14 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
                 f"workers = {slots} readers need at least one shard each; use fewer DataLoader workers or re-encode "
                 f"with a smaller --shard-size (e.g. {max(1, self.manifest.num_samples // (2 * slots))})"
             )
+        self.notes: list[str] = []
+        self.check_samples = verify == "sample" and self.manifest.sample_checksums is not None
+        if verify == "sample" and not self.check_samples:
+            self.notes.append(f"{self.root} has no per-sample checksums (encoded by an older latentdiff): shards are "
+                              "checked by size only; --verify-shards sha256 checks whole files at start, or re-encode")
         if verify != "none":
-            verify_dataset(self.root, self.manifest, mode=verify, rank=self.rank, world_size=self.world_size)
+            verify_dataset(self.root, self.manifest, mode="size" if verify == "sample" else verify, rank=self.rank,
+                           world_size=self.world_size)
         self.stats = DatasetStats.load(self.root) if (self.root / "stats.json").is_file() else None
         self.normalization = normalization
         self.problems = []
@@ -315,7 +334,7 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         if self.shuffle:
             rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-        stages += [wds.map(_decode), wds.batched(self.batch_size, collation_fn=_collate, partial=False)]
+        stages += [wds.map(_decode_checked if self.check_samples else _decode), wds.batched(self.batch_size, collation_fn=_collate, partial=False)]
         return islice(iter(wds.DataPipeline(*stages)), skip, per_worker)
 
     def __iter__(self):

@@ -2,7 +2,9 @@
 
 A shard ``shard-%06d.tar`` holds, per sample ``<key>``, contiguous members
 ``<key>.mean.npy``, ``<key>.std.npy`` (float16, raw VAE space), ``<key>.cls`` (ASCII integer, only
-when the label is known) and ``<key>.json``.  Keys contain no dots (webdataset splits the key at the
+when the label is known), ``<key>.json`` and ``<key>.sha256``: the checksum of the sample's other members
+(:func:`sample_digest`), verified as the sample is read (:func:`check_sample`), so corrupted content is
+caught by the reader at the cost of one sha256 over data it reads anyway.  Keys contain no dots (webdataset splits the key at the
 first dot of the base name).  Tar headers are normalized (mtime 0, uid/gid 0, mode 0444) so the same
 samples always give the same bytes and the same sha256.
 
@@ -34,7 +36,13 @@ __all__ = [
     "write_shard",
     "iter_tar",
     "read_shard_verified",
+    "CHECKSUM_MEMBER",
+    "sample_digest",
+    "check_sample",
 ]
+
+CHECKSUM_MEMBER = "sha256"  # the member holding a sample's checksum (hex, ASCII)
+_NOT_CONTENT = ("__key__", "__url__", CHECKSUM_MEMBER)
 
 SHARD_PATTERN = "shard-%06d.tar"
 
@@ -64,6 +72,30 @@ def npy_bytes(a: np.ndarray) -> bytes:
 
 def npy_load(b: bytes) -> np.ndarray:
     return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+def sample_digest(members: dict) -> str:
+    """sha256 (hex) of one sample's members, i.e. every entry except ``__key__``, ``__url__`` and the
+    checksum member itself: for each member in sorted suffix order, ``suffix``, a NUL byte, the payload
+    length as 8 little-endian bytes, the payload.  A lost, renamed or altered member changes it."""
+    h = hashlib.sha256()
+    for suffix in sorted(k for k in members if k not in _NOT_CONTENT):
+        payload = members[suffix]
+        h.update(suffix.encode() + b"\0" + len(payload).to_bytes(8, "little"))
+        h.update(payload)
+    return h.hexdigest()
+
+
+def check_sample(smp: dict, shard: str) -> None:
+    """Raise :class:`DataError` naming the shard, the sample and the fix unless ``smp``'s checksum member
+    matches its content (:func:`sample_digest`)."""
+    fix = (f"the shard is corrupt: restore {shard} from a copy, or delete it and its .stats.npz sidecar and re-run "
+           "the same tools/encode_latents.py command (it re-encodes only the missing shard)")
+    stored = smp.get(CHECKSUM_MEMBER)
+    if stored is None:
+        raise DataError(f"shard {shard}: sample {smp.get('__key__')!r} has no {CHECKSUM_MEMBER} member; {fix}")
+    if stored.decode("ascii", "replace").strip() != sample_digest(smp):
+        raise DataError(f"shard {shard}: sample {smp.get('__key__')!r} does not match its checksum; {fix}")
 
 
 class _HashingWriter(io.RawIOBase):
@@ -98,11 +130,13 @@ def write_shard(path: str | Path, samples: list[ShardSample]) -> dict:
         hw = _HashingWriter(f)
         with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
             for s in samples:
-                _add(tf, f"{s.key}.mean.npy", npy_bytes(s.mean))
-                _add(tf, f"{s.key}.std.npy", npy_bytes(s.std))
+                members = {"mean.npy": npy_bytes(s.mean), "std.npy": npy_bytes(s.std)}
                 if s.label is not None and s.label >= 0:
-                    _add(tf, f"{s.key}.cls", str(int(s.label)).encode())
-                _add(tf, f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode())
+                    members["cls"] = str(int(s.label)).encode()
+                members["json"] = json.dumps(s.meta, sort_keys=True).encode()
+                members[CHECKSUM_MEMBER] = sample_digest(members).encode()
+                for suffix, payload in members.items():
+                    _add(tf, f"{s.key}.{suffix}", payload)
     return {"count": len(samples), "sha256": hw.h.hexdigest(), "bytes": hw.n}
 
 

@@ -120,25 +120,13 @@ def guided_denoiser(
     bits).  Then every call forwards all rows twice (conditional + null class) and applies
     ``D_u + w (D_c - D_u)`` inside the interval, ``D_c`` outside -- the same formula.
     """
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ConfigError(f"guidance scale must be a finite number (1 = conditional model), got {scale!r}")
-    if labels is None or labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32):
-        raise ConfigError("guided_denoiser: labels must be a 1-D integer tensor of class labels (one per sample)")
-    null = model_null_label(denoiser) if null_label is None else null_label
-    if isinstance(null, bool) or not isinstance(null, int) or null < 0:
-        raise ConfigError(f"guided_denoiser: null_label must be a non-negative integer, got {null!r}")
-    bounds = _check_interval(interval)
-    scale = float(scale)
+    scale, null, bounds = _check_guidance(denoiser, labels, scale, null_label, interval)
 
     def denoise(x: torch.Tensor, sigma) -> torch.Tensor:
         b = x.shape[0]
         if labels.shape[0] != b:
             raise ValueError(f"guided denoiser was built for {labels.shape[0]} labels but called on a batch of {b}")
-        y = labels.to(x.device)
-        if not torch.is_tensor(sigma):  # a Python float: keep the precision Precond computes in
-            sigma = torch.tensor(float(sigma), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        s = sigma.to(x.device)
-        s = s.expand(b) if s.ndim == 0 else s.reshape(-1)
+        y, s = labels.to(x.device), _per_row_sigma(sigma, x)
         if scale == 1.0:
             return denoiser(x, s, y)
         if fixed_shape:
@@ -165,3 +153,24 @@ def guided_denoiser(
         return d_cond.index_copy(0, idx, guided)
 
     return denoise
+
+
+def _check_guidance(denoiser, labels, scale, null_label, interval):
+    """Validated ``(scale, null_label, interval bounds)`` of :func:`guided_denoiser`."""
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ConfigError(f"guidance scale must be a finite number (1 = conditional model), got {scale!r}")
+    if labels is None or labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32):
+        raise ConfigError("guided_denoiser: labels must be a 1-D integer tensor of class labels (one per sample)")
+    null = model_null_label(denoiser) if null_label is None else null_label
+    if isinstance(null, bool) or not isinstance(null, int) or null < 0:
+        raise ConfigError(f"guided_denoiser: null_label must be a non-negative integer, got {null!r}")
+    return float(scale), null, _check_interval(interval)
+
+
+def _per_row_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
+    """``sigma`` (a float or a 0-d/(B,) tensor) as a (B,) tensor on ``x``'s device; a Python float keeps the
+    precision Precond computes in."""
+    if not torch.is_tensor(sigma):
+        sigma = torch.tensor(float(sigma), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    s = sigma.to(x.device)
+    return s.expand(x.shape[0]) if s.ndim == 0 else s.reshape(-1)

@@ -108,15 +108,9 @@ class EDMPrecond(Precond):
         return {"kind": self.kind, "sigma_data": self.sigma_data}
 
 
-class VPPrecond(Precond):
-    """edm.txt Table 1, VP: c_skip = 1, c_out = -s, c_in = 1/sqrt(s^2+1), c_noise = (M-1) sigma^-1(s),
-    lambda = 1/s^2; beta_d = 19.9, beta_min = 0.1, M = 1000.  ``F`` predicts epsilon."""
-
-    kind = "vp"
-
-    def __init__(self, model: nn.Module, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000):
-        super().__init__(model)
-        self.beta_d, self.beta_min, self.M = float(beta_d), float(beta_min), int(M)
+class _EpsilonPrecond(Precond):
+    """The epsilon-prediction scalings VP and iDDPM share (edm.txt Table 1): c_skip = 1, c_out = -sigma,
+    c_in = 1/sqrt(sigma^2+1), lambda = 1/sigma^2."""
 
     def c_skip(self, sigma):
         return torch.ones_like(sigma)
@@ -127,11 +121,22 @@ class VPPrecond(Precond):
     def c_in(self, sigma):
         return 1 / torch.sqrt(sigma**2 + 1)
 
-    def c_noise(self, sigma):
-        return ((self.M - 1) * vp_sigma_inv(sigma, self.beta_d, self.beta_min)).to(sigma.dtype)
-
     def loss_weight(self, sigma):
         return 1 / sigma**2
+
+
+class VPPrecond(_EpsilonPrecond):
+    """edm.txt Table 1, VP: c_skip = 1, c_out = -s, c_in = 1/sqrt(s^2+1), c_noise = (M-1) sigma^-1(s),
+    lambda = 1/s^2; beta_d = 19.9, beta_min = 0.1, M = 1000.  ``F`` predicts epsilon."""
+
+    kind = "vp"
+
+    def __init__(self, model: nn.Module, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000):
+        super().__init__(model)
+        self.beta_d, self.beta_min, self.M = float(beta_d), float(beta_min), int(M)
+
+    def c_noise(self, sigma):
+        return ((self.M - 1) * vp_sigma_inv(sigma, self.beta_d, self.beta_min)).to(sigma.dtype)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "beta_d": self.beta_d, "beta_min": self.beta_min, "M": self.M}
@@ -158,7 +163,7 @@ class VEPrecond(Precond):
         return 1 / sigma**2
 
 
-class IDDPMPrecond(Precond):
+class IDDPMPrecond(_EpsilonPrecond):
     """edm.txt Table 1, iDDPM: c_skip = 1, c_out = -s, c_in = 1/sqrt(s^2+1),
     c_noise = M - 1 - argmin_j |u_j - s|, lambda = 1/s^2; C1 = 0.001, C2 = 0.008, M = 1000."""
 
@@ -168,15 +173,6 @@ class IDDPMPrecond(Precond):
         super().__init__(model)
         self.C1, self.C2, self.M = float(C1), float(C2), int(M)
         self.register_buffer("u", iddpm_sigmas(self.M, self.C1, self.C2), persistent=False)
-
-    def c_skip(self, sigma):
-        return torch.ones_like(sigma)
-
-    def c_out(self, sigma):
-        return -sigma
-
-    def c_in(self, sigma):
-        return 1 / torch.sqrt(sigma**2 + 1)
 
     def sigma_index(self, sigma) -> torch.Tensor:
         """argmin_j |u_j - sigma| over j = 0..M."""
@@ -189,9 +185,6 @@ class IDDPMPrecond(Precond):
 
     def c_noise(self, sigma):
         return (self.M - 1 - self.sigma_index(sigma)).to(sigma.dtype).to(sigma.device)
-
-    def loss_weight(self, sigma):
-        return 1 / sigma**2
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "C1": self.C1, "C2": self.C2, "M": self.M}

@@ -88,6 +88,14 @@ def load_reference(path: str | os.PathLike) -> Reference:
             f"reference statistics {path} not found; build them with `python tools/fid_reference.py IMAGES "
             "--out REF.npz --resolution R` or download EDM/ADM reference .npz files"
         )
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith(b"PK"):  # every .npz is a zip archive
+        what = "a .npy array (use an .npz with mu and sigma)" if head.startswith(b"\x93NUMPY") else (
+            "text" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else f"bytes {head!r}")
+        raise FIDError(f"reference {path} is not an .npz file (it starts with {what}); build reference "
+                       "statistics with `python tools/fid_reference.py IMAGES --out REF.npz --resolution R` "
+                       "or pass an EDM/ADM reference .npz")
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = list(data.keys())

@@ -29,7 +29,7 @@ rows: the real classes and the learned null class at ``null_label`` (default ``n
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 from diffusers import UNet2DModel
@@ -37,6 +37,7 @@ from torch import nn
 
 from latentdiff.utils.errors import ConfigError
 from latentdiff.diffusion.guidance import resolve_null_label
+from latentdiff.models.common import DenoiserNetMixin
 
 __all__ = ["UNetConfig", "UNet", "ddpmpp_preset", "tiny_preset"]
 
@@ -135,7 +136,7 @@ class UNetConfig:
         return tuple(f.name for f in fields(cls))
 
 
-class UNet(nn.Module):
+class UNet(DenoiserNetMixin, nn.Module):
     """``F(x, c_noise, labels)`` around a diffusers ``UNet2DModel`` (``self.net``)."""
 
     arch = "unet"
@@ -167,16 +168,6 @@ class UNet(nn.Module):
             num_class_embeds=c.num_classes + 1 if c.num_classes > 0 else None,
         )
         self.set_grad_checkpointing(c.grad_checkpointing)
-
-    @property
-    def null_label(self) -> int | None:
-        """Index of the learned null class (None for an unconditional model)."""
-        return self.cfg.null_label if self.cfg.num_classes > 0 else None
-
-    @property
-    def config(self) -> dict:
-        """JSON-serializable description; ``latentdiff.models.from_config`` rebuilds the model."""
-        return {"name": self.name, "arch": self.arch, **asdict(self.cfg)}
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         if enabled:

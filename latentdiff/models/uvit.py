@@ -30,7 +30,7 @@ Conventions of this implementation:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import einops
 import torch
@@ -40,6 +40,7 @@ from torch import nn
 
 from latentdiff.utils.errors import ConfigError
 from latentdiff.diffusion.guidance import resolve_null_label
+from latentdiff.models.common import DenoiserNetMixin
 
 __all__ = ["UViTConfig", "UViT", "sinusoidal_embedding"]
 
@@ -135,7 +136,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class UViT(nn.Module):
+class UViT(DenoiserNetMixin, nn.Module):
     """U-ViT network ``F(x, c_noise, labels)``; ``x`` is (B, in_channels, resolution, resolution)."""
 
     arch = "uvit"
@@ -188,16 +189,6 @@ class UViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    @property
-    def null_label(self) -> int | None:
-        """Index of the learned null class (None for an unconditional model)."""
-        return self.cfg.null_label if self.cfg.num_classes > 0 else None
-
-    @property
-    def config(self) -> dict:
-        """JSON-serializable description; ``latentdiff.models.from_config`` rebuilds the model."""
-        return {"name": self.name, "arch": self.arch, **asdict(self.cfg)}
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.grad_checkpointing = bool(enabled)

@@ -8,7 +8,11 @@ from latentdiff.solvers.nfe_guided import H_TAU
 from latentdiff.solvers.registry import DEFAULT_SAMPLER, SAMPLERS, check_options
 from latentdiff.utils.errors import SampleError
 
-__all__ = ["SampleConfig", "SOLVER_FLAGS"]
+__all__ = ["SampleConfig", "SOLVER_FLAGS", "MAX_NFE"]
+
+# the largest --nfe / --steps accepted: 10x the converged references of tools/bench (256 Ode3 steps use
+# 768 evaluations) and ~30x the paper's largest budget; above it a run would take days per image batch
+MAX_NFE = 10_000
 
 # config field -> the sampler option it sets (``latentdiff.solvers.registry.SOLVERS[...].options``)
 SOLVER_FLAGS = {"placement": "placement", "h_tau": "h_tau", "num_ode3": "num_ode3", "midpoint": "is_midpoint",
@@ -29,10 +33,16 @@ class SampleConfig:
         "a local diffusers UNet2DModel (epsilon-prediction DDPM) or pipeline directory, instead of --export"))
     out: str | None = field(default=None, metadata=_help("output directory (required; resumable)"))
     seeds: str = field(default="0-63", metadata=_help("seed list/ranges, e.g. 0-49999 (one image per seed)"))
-    batch: int = field(default=64, metadata=_help("images per network forward per rank (fixed forward shape)"))
-    decode_batch: int = field(default=8, metadata=_help("latents per VAE decode (fixed decode shape)"))
+    batch: int = field(default=64, metadata=_help(
+        "images sampled per step per rank (memory and overlap only: the images do not depend on it)"))
+    decode_batch: int = field(default=8, metadata=_help(
+        "latents handed to the VAE per call (memory only: the images do not depend on it)"))
+    micro_batch: int = field(default=8, metadata=_help(
+        "rows of every solver run, network forward and VAE decode: the fixed kernel shapes (the images depend on "
+        "it, never on --batch, --decode-batch or the number of ranks)"))
     solver: str = field(default=DEFAULT_SAMPLER, metadata=_help(f"ODE solver: {', '.join(SAMPLERS)}"))
-    nfe: int = field(default=35, metadata=_help("denoiser evaluations per image (budget, never exceeded)"))
+    nfe: int = field(default=35, metadata=_help(
+        f"denoiser evaluations per image (budget, never exceeded; at most {MAX_NFE})"))
     steps: int | None = field(default=None, metadata=_help(
         "noise levels instead of an NFE budget (fixed-method solvers; required by hybrid)"))
     sigma_max: str = field(default="data", metadata=_help(
@@ -50,7 +60,8 @@ class SampleConfig:
     guidance_interval: str | None = field(default=None, metadata=_help(
         "sigma_lo,sigma_hi: guide only inside this interval"))
     class_label: int | None = field(default=None, metadata=_help("one class for every image (not given: drawn per seed)"))
-    weights: str = field(default="ema", metadata=_help("ema (largest rate), an EMA rate such as 0.9999, or raw"))
+    weights: str = field(default="ema", metadata=_help("ema (largest rate), an EMA rate such as 0.9999, "
+                                                       "phema-<sigma_rel> such as phema-0.1 (power EMA), or raw"))
     vae: str | None = field(default=None, metadata=_help(
         "load the export's VAE from this directory (its sha256 is still checked)"))
     s_churn: float | None = field(default=None, metadata=_help("edm-stochastic: S_churn (edm.txt Alg. 2; 0 when not given)"))
@@ -69,13 +80,14 @@ class SampleConfig:
             raise SampleError("--out DIR is required (the output directory)")
         if self.solver not in SAMPLERS:
             raise SampleError(f"--solver {self.solver!r}: choose one of {', '.join(SAMPLERS)}")
-        for name in ("batch", "decode_batch"):
+        for name in ("batch", "decode_batch", "micro_batch"):
             if getattr(self, name) < 1:
                 raise SampleError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.steps is None and self.nfe < 1:
-            raise SampleError(f"--nfe must be >= 1, got {self.nfe}")
-        if self.steps is not None and self.steps < 1:
-            raise SampleError(f"--steps must be >= 1, got {self.steps}")
+        if self.steps is None and not 1 <= self.nfe <= MAX_NFE:
+            raise SampleError(f"--nfe must be in [1, {MAX_NFE}], got {self.nfe} (35 is the paper's budget; "
+                              "converged references need a few hundred)")
+        if self.steps is not None and not 1 <= self.steps <= MAX_NFE:
+            raise SampleError(f"--steps must be in [1, {MAX_NFE}], got {self.steps}")
         if not math.isfinite(self.cfg):
             raise SampleError(f"--cfg must be a finite number, got {self.cfg}")
         if self.sigma_min is not None and not (self.sigma_min > 0 and math.isfinite(self.sigma_min)):

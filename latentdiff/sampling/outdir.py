@@ -2,9 +2,10 @@
 
 ``OUT/config.json`` holds the fingerprint of everything that determines the pixels (source hash,
 weights, VAE, normalization, shapes, solver, budget, the options that took effect, sigma range,
-guidance, labels, batch sizes).  A run with another fingerprint is refused; one that differs only in
-the batch sizes (``SHAPE_FIELDS``) resumes with a warning, since other forward shapes keep the
-images bitwise identical only where the kernels are batch-size invariant.
+guidance, labels, the fixed ``micro_batch`` shape).  A run with another fingerprint is refused;
+``--batch`` and ``--decode-batch`` are not in it (they only group the fixed-shape micro-batches).  One
+that differs only in the kernel settings (``KERNEL_FIELDS``: intra-op threads, torch's SIMD level)
+resumes with a warning: the same shapes on other kernels may round differently.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from pathlib import Path
 from latentdiff.contracts.sampling import SAMPLING_JSON
 from latentdiff.utils.io import atomic_write_text
 
-__all__ = ["CONFIG_FORMAT", "SHAPE_FIELDS", "prepare_out"]
+__all__ = ["CONFIG_FORMAT", "KERNEL_FIELDS", "prepare_out"]
 
 CONFIG_FORMAT = "latentdiff-sample-config/1"
-SHAPE_FIELDS = ("network_batch", "decode_batch")
+KERNEL_FIELDS = ("intra_op_threads", "cpu_capability")
 
 
 def _short(v) -> str:
@@ -31,14 +32,14 @@ def _compare(out: Path, old: dict, fingerprint: dict) -> tuple[str | None, list[
     """(refusal or None, warnings) for resuming ``out`` made with fingerprint ``old``."""
     keys = sorted(set(old) | set(fingerprint))
     diff = [k for k in keys if old.get(k) != fingerprint.get(k)]
-    hard = [k for k in diff if k not in SHAPE_FIELDS]
+    hard = [k for k in diff if k not in KERNEL_FIELDS]
     if hard:
         lines = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(fingerprint.get(k))}" for k in hard)
         return (f"{out} holds images made with a different configuration ({lines}). Resuming would mix two sample "
                 f"sets: use a new --out, or delete {out} to start over"), []
     return None, [
-        f"warning: {k} was {old.get(k)} and is now {fingerprint.get(k)}: the forward shapes change, so images "
-        "from the two runs are bitwise identical only where the kernels are batch-size invariant"
+        f"warning: {k} was {old.get(k)} and is now {fingerprint.get(k)}: other CPU kernels may round differently, "
+        "so images of the two runs are bitwise identical only where these kernels agree"
         for k in diff
     ]
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from latentdiff.contracts.sampling import SAMPLING_JSON, SamplingRecord
 from latentdiff.sampling.files import png_path, read_png, valid_png
-from latentdiff.sampling.job import SampleJob
+from latentdiff.sampling.job import SampleJob, kernel_settings
 from latentdiff.sampling.options import network_evals_per_image
 from latentdiff.utils.errors import SampleError
 from latentdiff.utils.io import atomic_open
@@ -32,7 +32,7 @@ def _grid(job: SampleJob, gathered: list[dict]) -> dict:
         return {"seed": None, "sigmas": plan.sigmas, "eval_sigmas": plan.eval_sigmas}
     if firsts:
         return firsts[0]
-    _, info = job.generate(job.seeds[:1])
+    _, (info,) = job.generate(job.seeds[:1])
     return {"seed": job.seeds[0], "sigmas": info.sigmas, "eval_sigmas": info.eval_sigmas}
 
 
@@ -86,7 +86,7 @@ def _record(job: SampleJob, grid: dict, generated: int, elapsed: float, model_ha
         null_label=src.null_label, ema_profile=src.ema_profile, vae=src.vae,
         vae_decode_precision=ae.decode_precision, vae_tiling=ae.tiling, normalization=src.normalization.to_dict(),
         image_size=list(job.img_size), world_size=job.world, network_batch=job.net_batch, decode_batch=job.dec_batch,
-        intra_op_threads=torch.get_num_threads(),  # on the CPU another thread count may sum in another order
+        micro_batch=job.micro, **kernel_settings(),  # the fixed shapes; the thread count and SIMD level
         generated_this_run=generated, seconds=elapsed,
         images_per_second=generated / elapsed if generated and elapsed > 0 else None, files=_files(job),
         scheduler=src.scheduler,

@@ -2,7 +2,8 @@
 ``sampling.json`` (see ``latentdiff.cli.sample`` for the command and the determinism guarantees).
 
 Every rank takes the seeds ``seeds[rank::world]`` whose PNG is missing or does not verify, generates
-them in chunks of exactly ``net_batch`` rows and writes each PNG while the next chunk is sampled; rank 0
+them ``net_batch`` seeds at a time (solver, network and VAE on micro-batches of exactly ``micro_batch``
+rows, see ``latentdiff.sampling.job``) and writes each PNG while the next chunk is sampled; rank 0
 then checks what every rank's solver did against the dry-run plan and writes the record.
 """
 from __future__ import annotations
@@ -24,7 +25,6 @@ from latentdiff.sampling.record import finish
 from latentdiff.utils import dist as ldist
 from latentdiff.utils import seeds as _seeds
 from latentdiff.utils.errors import SampleError
-from latentdiff.vae.decode import decode_to_uint8
 
 __all__ = ["parse_seeds", "run"]
 
@@ -91,16 +91,18 @@ def _sample_missing(job: SampleJob) -> tuple[list[dict], float]:
     with ThreadPoolExecutor(max_workers=1) as writer:  # PNG encoding overlaps the next chunk's sampling
         for i in range(0, len(mine), job.net_batch):
             chunk = mine[i : i + job.net_batch]
-            z, info = job.generate(chunk)
-            imgs = decode_to_uint8(z, job.src.normalization, autoencoder=job.ae, batch_size=job.dec_batch)
-            labels = info.extra.get("labels")
+            z, infos = job.generate(chunk)
+            imgs = job.decode(z)
+            labels = [lab for info in infos for lab in (info.extra.get("labels") or [])] or None
             for f in pending:
                 f.result()
             pending = [writer.submit(save_png, im, png_path(job.out, s),
                                      {"seed": s, **({"label": int(labels[j])} if labels is not None else {})})
                        for j, (s, im) in enumerate(zip(chunk, imgs))]
-            chunks.append({"nfe": info.nfe, "seed": chunk[0], "sigmas": info.sigmas, "eval_sigmas": info.eval_sigmas,
-                           "n": len(chunk)})
+            for k, info in enumerate(infos):
+                part = chunk[k * job.micro : (k + 1) * job.micro]
+                chunks.append({"nfe": info.nfe, "seed": part[0], "sigmas": info.sigmas,
+                               "eval_sigmas": info.eval_sigmas, "n": len(part)})
             bar.update(min(len(chunk) * job.world, bar.total - bar.n))  # rank 0's pace stands for all ranks
         for f in pending:
             f.result()

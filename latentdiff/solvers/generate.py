@@ -53,6 +53,25 @@ def generate_latents(
     """
     seeds = [int(s) for s in seeds]
     n = len(seeds)
+    gens, x, labels = _seed_noise_and_labels(seeds, shape, labels, num_classes, pad_to)
+    x = x.to(device, dtype)
+    pad = x.shape[0] - n
+    denoise = _conditioned(denoiser, labels, num_classes, method, cfg_scale, guidance_interval, null_label, device)
+    kw = dict(solver_kwargs or {})
+    if method == "edm-stochastic":
+        kw.setdefault("generator", gens)
+    out, info = sample(denoise, x, method=method, **budget_kwargs(nfe, steps), sigma_min=sigma_min,
+                       sigma_max=sigma_max, rho=rho, return_info=True, **kw)
+    info.extra["labels"] = None if labels is None else labels[:n].tolist()
+    info.extra["rows"] = n + pad
+    return out[:n], info
+
+
+def _seed_noise_and_labels(seeds: list[int], shape, labels, num_classes: int, pad_to: int | None):
+    """Each seed's generator, its noise (stacked, padded to ``pad_to`` rows with copies of the first seed,
+    each copy with its own generator) and the (padded) labels; a conditional model without ``labels``
+    gets one drawn from each seed's generator after its noise."""
+    n = len(seeds)
     if n == 0:
         raise SampleError("generate_latents: no seeds given")
     pad = 0 if pad_to is None else int(pad_to) - n
@@ -65,36 +84,26 @@ def generate_latents(
             labels = torch.stack([torch.randint(num_classes, (), generator=g) for g in gens])
         labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
         if labels.shape != (n,):
-            raise SampleError(f"got {tuple(labels.shape)} labels for {len(seeds)} seeds")
+            raise SampleError(f"got {tuple(labels.shape)} labels for {n} seeds")
     if pad:
         noise += [noise[0]] * pad
         gens += [seed_generator(seeds[0]) for _ in range(pad)]  # own objects: no shared state
         if labels is not None:
             labels = torch.cat([labels, labels[:1].expand(pad)])
-    x = torch.stack(noise).to(device, dtype)
+    return gens, torch.stack(noise), labels
+
+
+def _conditioned(denoiser, labels, num_classes: int, method: str, cfg_scale: float, guidance_interval,
+                 null_label, device):
+    """The solvers' ``denoise(x, sigma)``: the conditional model at ``cfg_scale == 1`` (one forward, what
+    guided_denoiser does at w = 1), classifier-free guidance otherwise, the unconditional model without classes."""
     if num_classes > 0:
         y = labels.to(device)
-        if cfg_scale == 1.0:  # exactly the conditional model (what guided_denoiser does at w = 1)
-
-            def denoise(v, s):
-                return denoiser(v, s, y)
-
-        else:
-            fixed = guidance_interval is not None and method not in FIXED_GRID_SAMPLERS
-            denoise = guided_denoiser(denoiser, y, scale=cfg_scale, null_label=null_label, interval=guidance_interval,
-                                      fixed_shape=fixed)
-    else:
-        if cfg_scale != 1.0:
-            raise SampleError("classifier-free guidance (--cfg != 1) needs a class-conditional model")
-
-        def denoise(v, s):
-            return denoiser(v, s, None)
-
-    kw = dict(solver_kwargs or {})
-    if method == "edm-stochastic":
-        kw.setdefault("generator", gens)
-    out, info = sample(denoise, x, method=method, **budget_kwargs(nfe, steps), sigma_min=sigma_min,
-                       sigma_max=sigma_max, rho=rho, return_info=True, **kw)
-    info.extra["labels"] = None if labels is None else labels[:n].tolist()
-    info.extra["rows"] = n + pad
-    return out[:n], info
+        if cfg_scale == 1.0:
+            return lambda v, s: denoiser(v, s, y)
+        fixed = guidance_interval is not None and method not in FIXED_GRID_SAMPLERS
+        return guided_denoiser(denoiser, y, scale=cfg_scale, null_label=null_label, interval=guidance_interval,
+                               fixed_shape=fixed)
+    if cfg_scale != 1.0:
+        raise SampleError("classifier-free guidance (--cfg != 1) needs a class-conditional model")
+    return lambda v, s: denoiser(v, s, None)

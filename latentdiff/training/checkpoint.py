@@ -1,7 +1,7 @@
 """Atomic, collective checkpoints with retention.
 
 Layout: ``RUN/checkpoints/step_00001000/`` holds DeepSpeed's files (model, optimizer, LR scheduler,
-loss scaler), the EMA (``ema*.safetensors``), ``trainer_state.json`` (a
+loss scaler), the EMAs (``ema*.safetensors``, ``power_ema*.safetensors``), ``trainer_state.json`` (a
 :class:`~latentdiff.training.state.TrainerState`: step, images seen, data position, resolved config,
 noise schedule) and ``COMPLETE``.  ``RUN/checkpoints/latest`` names the newest
 complete checkpoint.
@@ -62,7 +62,7 @@ def find_latest(root: str | Path) -> Path | None:
 
 def save_checkpoint(engine, root: str | Path, step: int, state: TrainerState, ema=None, *, keep_last: int = 3,
                     keep_every: int = 0, fault_hook=None) -> Path:
-    """Collective save of the engine, the EMA and ``state`` as ``root/step_NNNNNNNN``."""
+    """Collective save of the engine, the EMA(s) (one or a list) and ``state`` as ``root/step_NNNNNNNN``."""
     root = Path(root)
     rank = get_rank()
     world = state.world_size
@@ -76,8 +76,9 @@ def save_checkpoint(engine, root: str | Path, step: int, state: TrainerState, em
             shutil.rmtree(final)
     barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={"latentdiff_step": step}, save_latest=False)
-    if ema is not None:
-        ema.save(tmp, rank, world)
+    for e in (ema if isinstance(ema, (list, tuple)) else [ema]):  # the fixed-rate EMA and the power EMA
+        if e is not None:
+            e.save(tmp, rank, world)
     if fault_hook is not None:
         fault_hook("mid-save")
     barrier()

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 from latentdiff.models import MODEL_NAMES
 from latentdiff.solvers.registry import DEFAULT_SAMPLER, SAMPLERS
+from latentdiff.training.power_ema import SIGMA_REL_MAX
 from latentdiff.utils.errors import ConfigError
 
 __all__ = ["TrainConfig", "RESUME_SAFE_FIELDS", "config_diff"]
@@ -26,7 +27,8 @@ NORMALIZATIONS = ("sd", "channel")
 NOISES = ("wsnr", "edm", "vp", "ve")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESUME_MODES = ("auto", "never", "must")
-VERIFY_MODES = ("sha256", "size", "none")
+VERIFY_MODES = ("sample", "sha256", "size", "none")
+SNAPSHOT_DTYPES = ("fp16", "fp32")
 
 
 def _opt(default, help: str):
@@ -42,7 +44,17 @@ class TrainConfig:
     ALIASES: ClassVar[dict] = {"learning_rate": "lr", "batch_size": "micro_batch", "micro_batch_size": "micro_batch",
                                "gradient_accumulation_steps": "grad_accum", "ema_decay": "ema_rates",
                                "ema_rate": "ema_rates", "steps": "max_steps", "total_images": "duration_images",
-                               "warmup": "warmup_images", "output_dir": "run_dir", "data": "dataset"}
+                               "warmup": "warmup_images", "output_dir": "run_dir", "data": "dataset",
+                               "epochs": "duration_images", "num_epochs": "duration_images",
+                               "max_epochs": "duration_images", "train_steps": "max_steps",
+                               "warmup_steps": "warmup_images", "batch": "micro_batch",
+                               "train_batch_size": "global_batch", "global_batch_size": "global_batch",
+                               "max_grad_norm": "grad_clip", "gradient_clipping": "grad_clip",
+                               "clip_grad_norm": "grad_clip", "save_every": "checkpoint_every",
+                               "checkpoint_interval": "checkpoint_every", "log_interval": "log_every",
+                               "workers": "num_workers", "dataloader_workers": "num_workers",
+                               "mixed_precision": "precision", "dtype": "precision", "ema": "ema_rates",
+                               "arch": "model", "architecture": "model", "output": "run_dir"}
 
     # where -----------------------------------------------------------------------------------
     run_dir: str = _opt("runs/run", "run directory: checkpoints/, export/, tb/, samples/ and config.json go here")
@@ -80,6 +92,12 @@ class TrainConfig:
     max_steps: int = _opt(0, "stop this invocation after this many optimizer steps in total (0 = the full "
                              "duration; no export is written when it stops early)")
     ema_rates: list = _opt([0.9999], "EMA decays per optimizer step, e.g. [0.999, 0.9999]")
+    power_ema_sigma_rels: list = _opt([0.05, 0.10], "relative widths sigma_rel of the tracked power-function EMAs "
+                                                    "(EDM2 post-hoc EMA); [] = none")
+    snapshot_every_images: int = _opt(0, "save the power-function EMAs to RUN/ema_snapshots every K images, for "
+                                         "latentdiff-reconstruct-ema (0 = no snapshots)")
+    snapshot_dtype: str = _opt("fp16", "precision of the EMA snapshots: fp16 | fp32")
+    snapshot_keep: int = _opt(0, "EMA snapshots kept: 0 = all (what the reconstruction wants), N = the N newest")
     # bookkeeping -----------------------------------------------------------------------------
     checkpoint_every: int = _opt(1000, "optimizer steps between checkpoints")
     keep_last: int = _opt(3, "most recent checkpoints kept")
@@ -100,7 +118,8 @@ class TrainConfig:
     seed: int = _opt(0, "seed of the initial weights, the data order and every random draw")
     num_workers: int = _opt(2, "DataLoader worker processes per rank")
     shuffle_buffer: int = _opt(1000, "samples in each reader's shuffle buffer")
-    verify_shards: str = _opt("size", "check the shards against dataset.json at start: sha256 | size | none")
+    verify_shards: str = _opt("sample", "sample (sizes at start, every sample's checksum as it is read) | sha256 (whole "
+                              "files at start) | size | none")
     resume: str = _opt("auto", "auto (from the latest checkpoint, if any) | never | must")
     force_resume: bool = _opt(False, "resume although fields that matter changed (the difference is logged)")
     comm_timeout_minutes: float = _opt(30.0, "timeout of the collectives, in minutes")
@@ -125,7 +144,8 @@ class TrainConfig:
         elif not (Path(self.dataset) / "dataset.json").is_file():
             e.append(f"dataset: {self.dataset}/dataset.json not found; encode first with tools/encode_latents.py")
         for name, choices in (("normalization", NORMALIZATIONS), ("noise", NOISES), ("precision", PRECISIONS),
-                              ("resume", RESUME_MODES), ("verify_shards", VERIFY_MODES), ("sample_solver", SAMPLERS)):
+                              ("resume", RESUME_MODES), ("verify_shards", VERIFY_MODES), ("sample_solver", SAMPLERS),
+                              ("snapshot_dtype", SNAPSHOT_DTYPES)):
             if getattr(self, name) not in choices:
                 e.append(f"{name}: {getattr(self, name)!r} is not one of {choices}")
         if not isinstance(self.model_overrides, dict):
@@ -152,8 +172,10 @@ class TrainConfig:
             e.append("eps must be > 0, weight_decay >= 0, grad_clip >= 0")
         for names, lo in ((("micro_batch", "grad_accum", "duration_images"), 1),
                           (("warmup_images", "max_steps", "global_batch", "keep_every", "sample_every",
-                            "heldout_batch", "num_workers", "val_every", "eval_every"), 0),
-                          (("checkpoint_every", "keep_last", "log_every", "sample_count", "sample_nfe", "val_samples", "eval_samples",
+                            "heldout_batch", "num_workers", "snapshot_every_images", "snapshot_keep", "val_every",
+                            "eval_every"), 0),
+                          (("checkpoint_every", "keep_last", "log_every", "sample_count", "sample_nfe", "val_samples",
+                            "eval_samples",
                             "fp16_max_min_scale_steps"), 1)):
             for name in names:
                 v = getattr(self, name)
@@ -162,7 +184,18 @@ class TrainConfig:
                     e.append(f"{name}: {v!r} must be {what}")
         if not (isinstance(self.ema_rates, (list, tuple)) and self.ema_rates and all(0 <= r < 1 for r in self.ema_rates)):
             e.append(f"ema_rates: {self.ema_rates!r} must be a non-empty list of decays in [0, 1), e.g. [0.9999]")
-        return e
+        return e + self._check_power_ema()
+
+    def _check_power_ema(self) -> list[str]:
+        s = self.power_ema_sigma_rels
+        if not (isinstance(s, (list, tuple)) and all(isinstance(v, (int, float)) and 0 < v < SIGMA_REL_MAX for v in s)
+                and len(set(s)) == len(s)):
+            return [f"power_ema_sigma_rels: {s!r} must be a list of distinct widths in (0, {SIGMA_REL_MAX:.4f}) "
+                    "(EDM2 App. C), e.g. [0.05, 0.10], or [] for none"]
+        if self.snapshot_every_images and not s:
+            return ["snapshot_every_images: snapshots hold the power-function EMAs, but power_ema_sigma_rels is []; "
+                    "set both or set snapshot_every_images 0"]
+        return []
 
     def _check_batch(self, world_size: int) -> list[str]:
         """global = micro_batch x grad_accum x world size; a mismatch names the grad_accum that fits, if any."""
@@ -194,8 +227,9 @@ RESUME_SAFE_FIELDS = frozenset(
     {
         "run_dir", "duration_images", "max_steps", "checkpoint_every", "keep_last", "keep_every", "log_every",
         "sample_every", "sample_count", "sample_nfe", "sample_solver", "heldout_batch", "resume", "force_resume",
-        "comm_timeout_minutes", "verify_shards", "fp16_max_min_scale_steps", "dataset", "val_dataset", "val_samples",
-        "val_every", "eval_every", "eval_samples",
+        "comm_timeout_minutes", "verify_shards", "fp16_max_min_scale_steps", "dataset",
+        "snapshot_every_images", "snapshot_dtype", "snapshot_keep", "val_dataset", "val_samples", "val_every",
+        "eval_every", "eval_samples",
     }
 )
 

@@ -11,6 +11,10 @@
 
 Under bf16/fp16 the module parameters hold the low-precision copy of the fp32 master weights; the EMA
 accumulates those values in fp32 (the usual practice; the rounding noise averages out).
+
+:class:`PowerEMA` is the same machinery (partitions, files, gathers, :func:`consolidate`) for EDM2's
+power-function profiles keyed by σ_rel, whose decay depends on the image count
+(:mod:`latentdiff.training.power_ema`); it lives in its own files (``power_ema*.safetensors``).
 """
 from __future__ import annotations
 
@@ -22,10 +26,11 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from latentdiff.training.power_ema import power_beta, sigma_rel_to_gamma
 from latentdiff.utils.dist import is_distributed
 from latentdiff.utils.errors import TrainError
 
-__all__ = ["EMA", "consolidate", "is_zero3_param"]
+__all__ = ["EMA", "PowerEMA", "consolidate", "is_zero3_param"]
 
 
 def is_zero3_param(p: torch.nn.Parameter) -> bool:
@@ -37,6 +42,11 @@ def _key(rate: float, name: str) -> str:
 
 
 class EMA:
+    """Fixed-rate EMAs ``ema <- rate * ema + (1 - rate) * theta``, one per rate (the module docstring)."""
+
+    STEM = "ema"  # file names: STEM.safetensors, or STEM_rankNNNNN.safetensors under ZeRO-3
+    KIND = "EMA rates"
+
     def __init__(self, module: torch.nn.Module, rates):
         self.rates = [float(r) for r in rates]
         named = [(n, p) for n, p in module.named_parameters()]
@@ -59,7 +69,7 @@ class EMA:
 
     # persistence --------------------------------------------------------------------------------
     def _file(self, directory: Path, rank: int) -> Path:
-        return directory / (f"ema_rank{rank:05d}.safetensors" if self.zero3 else "ema.safetensors")
+        return directory / (f"{self.STEM}_rank{rank:05d}.safetensors" if self.zero3 else f"{self.STEM}.safetensors")
 
     def save(self, directory: str | Path, rank: int, world_size: int) -> None:
         """ZeRO-3: every rank writes its shard; otherwise rank 0 writes the full EMA."""
@@ -80,7 +90,8 @@ class EMA:
     def load(self, directory: str | Path, rank: int, world_size: int) -> None:
         path = self._file(Path(directory), rank)
         if not path.is_file():
-            raise TrainError(f"{path} is missing: the checkpoint has no EMA for this rank (incomplete checkpoint?)")
+            raise TrainError(f"{path} is missing: the checkpoint has no {self.KIND} for this rank (an incomplete "
+                             "checkpoint, or one written with other EMA settings: use those, or a new --run-dir)")
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if self.zero3 and json.loads(meta.get("world_size", "0")) != world_size:
@@ -89,7 +100,7 @@ class EMA:
                 "resume with the same number of ranks"
             )
         if json.loads(meta.get("rates", "[]")) != self.rates:
-            raise TrainError(f"{path}: EMA rates {meta.get('rates')} differ from the config's {self.rates}")
+            raise TrainError(f"{path}: {self.KIND} {meta.get('rates')} differ from the config's {self.rates}")
         tensors = load_file(str(path))
         with torch.no_grad():
             for r, sh in self.shadow.items():
@@ -120,16 +131,38 @@ class EMA:
         return out
 
 
-def consolidate(directory: str | Path) -> dict[float, dict[str, torch.Tensor]]:
-    """Full fp32 EMA weights per rate from a checkpoint directory, without a process group."""
+class PowerEMA(EMA):
+    """EDM2 power-function EMAs, one per σ_rel (EDM2 Sec. 3.1, App. C), fp32, ZeRO-aware like :class:`EMA`.
+
+    After the optimizer step that brings the image count to ``t`` (``dt`` images per step):
+    ``ema <- beta * ema + (1 - beta) * theta`` with ``beta = (1 - dt/t)^(gamma + 1)`` (EDM2 Sec. 3.1).
+    ``rates`` holds the σ_rel values (the keys of the shadow and of the files)."""
+
+    STEM = "power_ema"
+    KIND = "power-EMA sigma_rels"
+
+    def __init__(self, module: torch.nn.Module, sigma_rels):
+        super().__init__(module, sigma_rels)
+        self.gammas = {s: sigma_rel_to_gamma(s) for s in self.rates}
+
+    @torch.no_grad()
+    def update(self, t: int, dt: int) -> None:  # type: ignore[override]
+        cur = [self._source(p).float() for p in self.params]
+        for s, sh in self.shadow.items():
+            torch._foreach_lerp_(sh, cur, 1.0 - power_beta(self.gammas[s], float(t), float(dt)))
+
+
+def consolidate(directory: str | Path, stem: str = EMA.STEM) -> dict[float, dict[str, torch.Tensor]]:
+    """Full fp32 EMA weights per rate (or per σ_rel, ``stem=PowerEMA.STEM``) from a checkpoint
+    directory, without a process group."""
     directory = Path(directory)
-    single = directory / "ema.safetensors"
+    single = directory / f"{stem}.safetensors"
     if single.is_file():
         files = [single]
     else:
-        files = sorted(directory.glob("ema_rank*.safetensors"))
+        files = sorted(directory.glob(f"{stem}_rank*.safetensors"))
         if not files:
-            raise TrainError(f"{directory} holds no EMA (ema.safetensors or ema_rank*.safetensors)")
+            raise TrainError(f"{directory} holds no EMA ({stem}.safetensors or {stem}_rank*.safetensors)")
     with safe_open(str(files[0]), "pt") as f:
         meta = f.metadata() or {}
     rates = json.loads(meta["rates"])

@@ -17,7 +17,8 @@ from latentdiff.training.config import TrainConfig
 from latentdiff.utils.dist import is_distributed
 from latentdiff.utils.errors import ConfigError, TrainError
 
-__all__ = ["build_ds_config", "ds_precision", "build_engine", "warmup_steps_for", "LossScaleWatch"]
+__all__ = ["build_ds_config", "ds_precision", "check_precision_supported", "build_engine", "warmup_steps_for",
+           "LossScaleWatch"]
 
 
 def build_ds_config(cfg: TrainConfig, base: dict | None, world_size: int) -> dict:
@@ -67,9 +68,33 @@ def ds_precision(ds: dict) -> str:
     return "fp32"
 
 
+def check_precision_supported(ds: dict) -> None:
+    """Refuse (ConfigError) a precision DeepSpeed's accelerator will not train in, with the cause and the fix.
+
+    DeepSpeed raises a bare ``ValueError("Type fp16 is not supported on your device.")`` inside
+    ``deepspeed.initialize`` for it.  On CPU its accelerator enables fp16 only when oneDNN has native fp16
+    kernels (``torch.ops.mkldnn._is_mkldnn_fp16_supported()``: AVX512-FP16 or AMX-FP16, e.g. Intel Sapphire
+    Rapids), so the same command trains on one CPU model and not on another (an AMD EPYC, an older Xeon).
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    precision = ds_precision(ds)
+    ok = {"fp16": acc.is_fp16_supported, "bf16": acc.is_bf16_supported}.get(precision, lambda: True)()
+    if not ok:
+        why = (" (DeepSpeed's CPU accelerator trains fp16 only where oneDNN has native fp16 kernels: AVX512-FP16 "
+               "or AMX-FP16 CPUs)") if acc.device_name() == "cpu" else ""
+        other = "bf16" if precision == "fp16" else "fp32"
+        raise ConfigError(
+            f"DeepSpeed does not support {precision} training on this {acc.device_name()} device{why}; "
+            f"use --precision {other} or fp32 (or a DeepSpeed config with {precision} disabled)"
+        )
+
+
 def build_engine(denoiser: torch.nn.Module, cfg: TrainConfig, ds_config: dict, warmup_steps: int):
     """``(engine, optimizer, lr_scheduler)``: AdamW over the trainable parameters, a linear warmup over
     ``warmup_steps`` optimizer steps, wrapped by ``deepspeed.initialize``."""
+    check_precision_supported(ds_config)
     opt = torch.optim.AdamW(
         [p for p in denoiser.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.betas),
         eps=cfg.eps, weight_decay=cfg.weight_decay,

@@ -1,5 +1,5 @@
-"""The DeepSpeed training loop: EDM loss (edm.txt Eq. 8, Table 1) under WSNR-aligned noise, EMA, exact
-resume, tensorboard.
+"""The DeepSpeed training loop: EDM loss (edm.txt Eq. 8, Table 1) under WSNR-aligned noise, EMA (fixed-rate
+and EDM2 power-function with post-hoc snapshots), exact resume, tensorboard.
 
 One engine holds the preconditioned denoiser (the VAE is never in it).  Per optimizer step and
 micro-batch, every random draw (latent sample from the posterior, label dropout, sigma, noise) comes
@@ -27,12 +27,13 @@ from latentdiff.training import evaluation, validation
 from latentdiff.training.quality import QualityEval
 from latentdiff.training.checkpoint import find_latest, save_checkpoint
 from latentdiff.training.config import TrainConfig
-from latentdiff.training.ema import EMA
+from latentdiff.training.ema import EMA, PowerEMA
 from latentdiff.training.engine import LossScaleWatch, build_ds_config, build_engine, ds_precision, warmup_steps_for
 from latentdiff.training.preview import SamplePreview
 from latentdiff.training.resume import check_resume
 from latentdiff.training.schedule import resolve_schedule
 from latentdiff.training.signals import agree_stop, fault
+from latentdiff.training.snapshots import SNAPSHOT_DIR, snapshot_due, write_snapshot
 from latentdiff.training.state import TrainerState, load_trainer_state
 from latentdiff.training.tb import StepMetrics, TBWriter, reduce_metrics, write_step_scalars
 from latentdiff.utils import dist as ldist
@@ -84,6 +85,7 @@ class Trainer:
         self.loss_scale = LossScaleWatch(self.engine, self.optimizer, self.ds_config, self.precision,
                                          cfg.fp16_max_min_scale_steps)
         self.ema = EMA(self.engine.module, cfg.ema_rates)
+        self.power_ema = PowerEMA(self.engine.module, cfg.power_ema_sigma_rels) if cfg.power_ema_sigma_rels else None
 
         # state ------------------------------------------------------------------------------------
         self.step, self.images_seen = 0, 0
@@ -96,6 +98,8 @@ class Trainer:
         )
         for problem in self.data.problems:
             self.log(f"warning: {problem}")
+        for note in self.data.notes:
+            self.log(f"note: {note}")
         self.resolved = cfg.to_dict()
         self.preview = SamplePreview(
             self.run_dir, self.manifest.vae, self.norm, self.sample_shape, self.num_classes,
@@ -121,7 +125,7 @@ class Trainer:
 
     def save(self) -> Path:
         hook = lambda where: fault("kill-mid-save", self.step, self.rank)  # noqa: E731
-        path = save_checkpoint(self.engine, self.ckpt_root, self.step, self.state(), self.ema,
+        path = save_checkpoint(self.engine, self.ckpt_root, self.step, self.state(), [self.ema, self.power_ema],
                                keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every, fault_hook=hook)
         if self.is_main:
             self._say(f"saved checkpoint {path}")
@@ -146,6 +150,8 @@ class Trainer:
         if load_path is None:
             raise TrainError(f"DeepSpeed could not load {ckpt}")
         self.ema.load(ckpt, self.rank, self.world)
+        if self.power_ema is not None:
+            self.power_ema.load(ckpt, self.rank, self.world)
         self.step, self.images_seen = st.step, st.images_seen
         self.epoch, self.batch_in_epoch = st.epoch, st.batch_in_epoch
         if self.is_main:
@@ -203,6 +209,20 @@ class Trainer:
         self.ema.update()
         self.step += 1
         self.images_seen += self.global_batch
+        if self.power_ema is not None:  # beta from the image count after this step (EDM2 Sec. 3.1)
+            self.power_ema.update(self.images_seen, self.global_batch)
+
+    def _maybe_snapshot(self) -> None:
+        """Post-hoc EMA snapshot every ``snapshot_every_images`` and at the end of the duration (collective)."""
+        every = self.cfg.snapshot_every_images
+        if not every or self.power_ema is None:
+            return
+        if snapshot_due(self.images_seen, self.global_batch, every) or self.step == self.total_steps:
+            path = write_snapshot(self.power_ema, self.run_dir / SNAPSHOT_DIR, step=self.step,
+                                  images=self.images_seen, global_batch=self.global_batch,
+                                  dtype=self.cfg.snapshot_dtype, keep=self.cfg.snapshot_keep)
+            if path is not None and self.step == self.total_steps:
+                self._say(f"EMA snapshots in {path.parent} (latentdiff-reconstruct-ema {self.run_dir})")
 
     def train(self) -> dict:
         """Train to the end of the duration (or ``max_steps``, or a stop signal); every rank calls."""
@@ -219,6 +239,7 @@ class Trainer:
         while self.step < end:
             t0 = time.time()
             self._train_step(batches, metrics)
+            self._maybe_snapshot()
             img_window += self.global_batch
             fault("kill-rank", self.step, self.rank)
             self.loss_scale.check(self.step)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,8 @@ __all__ = [
     "device",
     "accelerator",
     "hard_exit",
+    "peer_failure",
+    "run_entry_point",
     "is_distributed",
     "broadcast_object",
     "all_gather_object",
@@ -182,3 +186,51 @@ def hard_exit(rc: int) -> None:
         except Exception:  # noqa: BLE001 - a closed stream must not change the exit code
             pass
     os._exit(int(rc or 0))
+
+
+# what a collective raises when the rank on the other end has gone (gloo: "Connection reset by peer",
+# "Connection closed by peer"; NCCL: "remote process exited", a watchdog timeout)
+_PEER_GONE = re.compile(r"gloo|nccl|connection (reset|closed|refused)|closed by peer|broken pipe|remote process", re.IGNORECASE)
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """Did ``exc`` come from a collective whose peer rank has ended (that rank shows its own error)?"""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return False
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_PEER_GONE.search(str(exc)))
+
+
+def run_entry_point(main, prog: str) -> None:
+    """Run ``main()`` and end the process with its return code through :func:`hard_exit`, whatever happens.
+
+    No barrier and no teardown of the process group after an error: another rank may be inside a
+    collective that will never complete, so a barrier would wait for ``comm_timeout_minutes``.  The
+    process exits at once (non-zero); the launcher (torchrun, deepspeed, srun) sees it and ends the
+    other ranks, whose collectives fail when this rank's connections close.  A launched rank also ends
+    when its launcher dies (:func:`latentdiff.utils.orphans.exit_with_launcher`).  A rank whose collective
+    failed that way prints one line pointing at the failed rank's error instead of a traceback, so the
+    error is shown once; any other exception keeps its traceback.
+    """
+    from latentdiff.utils.orphans import exit_with_launcher
+
+    exit_with_launcher(prog)  # a rank whose launcher was killed ends too
+    try:
+        rc = main()
+    except SystemExit as exn:  # argparse --help / usage errors
+        rc = exn.code if isinstance(exn.code, int) else (0 if exn.code is None else 2)
+        if isinstance(exn.code, str):
+            print(exn.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        rc = 130
+    except BaseException as exn:  # noqa: BLE001 - every exit of a launched rank goes through hard_exit
+        if peer_failure(exn):
+            first = str(exn).strip().splitlines()[0][:200] if str(exn).strip() else type(exn).__name__
+            print(f"{prog} (rank {get_rank()}): stopped because another rank ended (its error is above); "
+                  f"here the collective failed with: {first}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        rc = 1
+    hard_exit(rc)

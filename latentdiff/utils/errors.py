@@ -2,7 +2,18 @@
 
 
 class LatentdiffError(Exception):
-    """Base class of every error latentdiff raises on purpose."""
+    """Base class of every error latentdiff raises on purpose.
+
+    ``every_rank`` is true when every rank raises the same error (e.g. after gathering the ranks' checks);
+    the command-line entry points then print it on rank 0 only.
+    """
+
+    every_rank = False
+
+    def on_every_rank(self):
+        """This error, marked as raised identically by every rank (returns ``self``)."""
+        self.every_rank = True
+        return self
 
 
 class ConfigError(LatentdiffError, ValueError):
