@@ -22,7 +22,7 @@ from latentdiff.utils.errors import FIDError
 __all__ = ["DEFAULT_K", "knn_radii", "coverage_fraction", "precision_recall"]
 
 DEFAULT_K = 3
-_BLOCK = 4096
+_BLOCK = 1024  # rows per distance block: 1024 x N float64 (400 MB at N = 50k)
 
 
 def knn_radii(feats: torch.Tensor, k: int = DEFAULT_K, block: int = _BLOCK) -> torch.Tensor:
