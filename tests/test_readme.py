@@ -29,7 +29,8 @@ def _commands_in(text: str) -> list[str]:
                 out.append(line)
     inline = re.sub(r"```.*?```", "", text, flags=re.S)
     spans = [" ".join(c.split()) for c in re.findall(r"`([^`]+)`", inline) if c.startswith(FIRST_WORDS)]
-    return out + [c for c in spans if not re.search(r" --[\w-]+$", c)]  # not a mention of a flag (`x --solver`)
+    # not a mention of a flag (`x --solver`) or of a program by its name alone (`latentdiff-export`)
+    return out + [c for c in spans if not re.search(r" --[\w-]+$", c) and " " in c]
 
 
 def _docstring_commands() -> list[str]:

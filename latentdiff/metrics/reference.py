@@ -93,6 +93,7 @@ def load_reference(path: str | os.PathLike) -> Reference:
         head = f.read(8)
     if not head.startswith(b"PK"):  # every .npz is a zip archive
         what = "a .npy array (use an .npz with mu and sigma)" if head.startswith(b"\x93NUMPY") else (
+            "a Python pickle, never unpickled: it could run code" if head.startswith(b"\x80") else
             "text" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else f"bytes {head!r}")
         raise FIDError(f"reference {path} is not an .npz file (it starts with {what}); build reference "
                        "statistics with `python tools/fid_reference.py IMAGES --out REF.npz --resolution R` "
