@@ -234,9 +234,15 @@ RESUME_SAFE_FIELDS = frozenset(
 )
 
 
+# what a checkpoint written before a field existed did, in that field's terms
+LEGACY_VALUES = {"power_ema_sigma_rels": []}
+
+
 def config_diff(old: dict, new: dict, ignore=RESUME_SAFE_FIELDS) -> list[str]:
-    """Fields that differ between two resolved configs, excluding ``ignore``."""
+    """Fields that differ between two resolved configs, excluding ``ignore``; a field an older checkpoint
+    does not have counts as its ``LEGACY_VALUES`` entry (e.g. no power EMAs)."""
     out = []
+    old = {**{k: v for k, v in LEGACY_VALUES.items() if k not in old}, **old}
     for k in sorted(set(old) | set(new)):
         if k in ignore:
             continue
