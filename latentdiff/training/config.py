@@ -242,7 +242,7 @@ def config_diff(old: dict, new: dict, ignore=RESUME_SAFE_FIELDS) -> list[str]:
     """Fields that differ between two resolved configs, excluding ``ignore``; a field an older checkpoint
     does not have counts as its ``LEGACY_VALUES`` entry (e.g. no power EMAs)."""
     out = []
-    old = {**{k: v for k, v in LEGACY_VALUES.items() if k not in old}, **old}
+    old, new = ({**LEGACY_VALUES, **d} for d in (old, new))
     for k in sorted(set(old) | set(new)):
         if k in ignore:
             continue
