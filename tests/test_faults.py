@@ -91,8 +91,16 @@ def _bad_npy_header(src, dst):
     return "shard-000003.tar: sample"
 
 
+def _truncated_shard(src, dst):
+    """A shard cut short: every rank's start-up check (gathered) raises the same error, shown once."""
+    p = dst / "shard-000004.tar"
+    p.write_bytes(p.read_bytes()[:4096])
+    return "disagree with"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", [_bad_count, _bad_npy_header], ids=["shard-count", "npy-header"])
+@pytest.mark.parametrize("fault", [_bad_count, _bad_npy_header, _truncated_shard],
+                         ids=["shard-count", "npy-header", "truncated-every-rank"])
 def test_an_error_on_one_rank_ends_the_job_within_seconds(tiny_dataset, tmp_path, fault):
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset, data)
