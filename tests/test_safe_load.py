@@ -252,7 +252,7 @@ def _torchrun(args, port):
     env.pop("LATENTDIFF_FAULT", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
            "-m", "latentdiff.train", *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
 
 
 @pytest.mark.slow
@@ -280,3 +280,12 @@ def test_resume_and_export_refuse_a_payload_in_real_deepspeed_checkpoints(tiny_d
         f.write_bytes(good)
     p = _torchrun([*args, "--max-steps", 4], port + 2)  # the untouched checkpoint resumes through the same loader
     assert p.returncode == 0 and "resumed from" in p.stdout, cause(p)
+
+
+def test_dataset_statistics_sidecars_with_pickled_arrays_are_refused(tmp_path):
+    """The encoder's per-chunk ``*.stats.npz`` (read on resume and by tools/dataset_stats.py)."""
+    from latentdiff.data.encode_chunks import read_sidecar
+
+    marker, f = tmp_path / "ran", tmp_path / "shard-000000.stats.npz"
+    np.savez(f, n=np.array(3), meta_json=np.array([Plant(marker)], dtype=object))
+    assert "'meta_json'" in _refused(lambda: read_sidecar(f), f, marker)

@@ -24,6 +24,7 @@ from latentdiff.data.shards import ShardSample, shard_name, sidecar_name, write_
 from latentdiff.data.stats import RGB_REF_SIZE, ShardPartial, rgb64_power, shard_partial
 from latentdiff.utils.errors import EncodeError
 from latentdiff.utils.io import atomic_write_bytes
+from latentdiff.utils.safe_load import load_npz
 from latentdiff.vae.autoencoder import Autoencoder
 
 __all__ = ["ImageDataset", "encode_chunks", "read_sidecar"]
@@ -82,8 +83,7 @@ def _sidecar_bytes(partial: ShardPartial, meta: dict) -> bytes:
 
 def read_sidecar(path: str | Path) -> tuple[ShardPartial, dict]:
     """The partial statistics and the record (name, count, sha256, keys, skipped files) of one chunk."""
-    with np.load(path, allow_pickle=False) as z:
-        a = {k: np.array(z[k]) for k in z.files}
+    a = load_npz(path)  # allow_pickle=False: a pickled array is refused naming the file
     return ShardPartial.from_arrays(a), json.loads(str(a["meta_json"]))
 
 

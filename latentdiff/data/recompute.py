@@ -29,6 +29,7 @@ from latentdiff.data.stats import (
 )
 from latentdiff.diffusion.spectral import power_spectrum
 from latentdiff.utils.errors import DataError
+from latentdiff.utils.safe_load import load_npz
 
 __all__ = ["recompute_stats", "relative_difference"]
 
@@ -57,9 +58,9 @@ def _sidecar_rgb(root: Path, s: ShardEntry):
     """(sum, n) of the RGB 64x64 spectra in the shard's sidecar, or (None, 0) without one."""
     sc = root / s.name.replace(".tar", ".stats.npz")
     if sc.is_file():
-        with np.load(sc, allow_pickle=False) as z:
-            if "rgb64_sum" in z.files:
-                return torch.from_numpy(np.array(z["rgb64_sum"], dtype=np.float64)), int(z["rgb64_n"])
+        z = load_npz(sc)  # allow_pickle=False: a pickled array is refused naming the file
+        if "rgb64_sum" in z:
+            return torch.from_numpy(np.array(z["rgb64_sum"], dtype=np.float64)), int(z["rgb64_n"])
     return None, 0
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from latentdiff.utils.io import atomic_write_bytes, atomic_write_json, read_json
 from latentdiff.utils.errors import DataError
+from latentdiff.utils.safe_load import load_npz
 from latentdiff.diffusion.distances import DistanceStats
 from latentdiff.diffusion.spectral import SpectrumAccumulator, power_spectrum
 
@@ -238,11 +239,10 @@ class DatasetStats:
             if not p.is_file():
                 raise DataError(f"{p} is missing; run tools/dataset_stats.py {root} --write (or re-run the encoder)")
         meta = read_json(jpath, DataError, missing="", invalid=f"; recompute with tools/dataset_stats.py {root} --write")
-        with np.load(npath, allow_pickle=False) as z:
-            missing = [k for k in cls.NPZ_FIELDS if k not in z.files]
-            if missing:
-                raise DataError(f"{npath} lacks fields {missing}; recompute with tools/dataset_stats.py {root} --write")
-            a = {k: np.array(z[k]) for k in z.files}
+        a = load_npz(npath)  # allow_pickle=False: a pickled array is refused naming the file
+        missing = [k for k in cls.NPZ_FIELDS if k not in a]
+        if missing:
+            raise DataError(f"{npath} lacks fields {missing}; recompute with tools/dataset_stats.py {root} --write")
         t = lambda k: torch.from_numpy(a[k].astype(np.float64))  # noqa: E731
         st = cls(
             n=int(a["n"]), shards_hash=meta["shards_hash"], sample_shape=tuple(meta["sample_shape"]),
