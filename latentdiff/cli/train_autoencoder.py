@@ -51,3 +51,7 @@ def main(argv=None) -> int:
 
 def cli() -> None:
     run_entry_point(main, "latentdiff-train-autoencoder")
+
+
+if __name__ == "__main__":
+    cli()
