@@ -132,3 +132,26 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
         assert torch.allclose(p, q, atol=1e-6), name
     with pytest.raises(TrainError, match="another architecture.*block_out_channels"):
         loop.train_autoencoder(_cfg(tmp_path / "b", src, steps=6, block_out_channels=[8, 32]))
+
+
+@pytest.mark.slow  # two processes under torchrun
+def test_two_ranks_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = _photo_folder(tmp_path / "in")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "train_autoencoder.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    args = ["--input", str(src), "--output", str(tmp_path / "out"), "--resolution", "96", "--crop", "16",
+            "--block-out-channels", "[8, 16]", "--steps", "3", "--stat-crops", "8", "--precision", "fp32",
+            "--progress", "false"]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(tool), *args], check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    assert Autoencoder.load(summary["vae"]).latent_channels == 4
