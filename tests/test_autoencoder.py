@@ -22,6 +22,15 @@ TINY = {"resolution": 96, "crop": 16, "block_out_channels": [8, 16], "stat_crops
             "progress": False, "precision": "fp32"}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions: two OpenMP threads on a loaded 2-core machine cost ~10x one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _photo_folder(root, names=("astronaut", "coffee", "chelsea"), size=96):
     root.mkdir(parents=True, exist_ok=True)
     for n in names:
@@ -110,7 +119,6 @@ def test_encode_stage_accepts_the_trained_vae(tmp_path):
     assert manifest["vae"]["scaling_factor"] == pytest.approx(summary["scaling_factor"])
 
 
-@pytest.mark.slow  # three short trainings: ~20-30 s on 2 shared cores
 def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     src = _photo_folder(tmp_path / "in")
     ref = loop.train_autoencoder(_cfg(tmp_path / "a", src, steps=6))
