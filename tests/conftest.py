@@ -32,3 +32,22 @@ def tiny_dataset(tmp_path_factory):
     encode_dataset(EncodeConfig(inputs=[str(root / "images")], output=str(root / "data"), resolution=32, vae=str(vae),
                                 shard_size=8, batch_size=16, workers=0, progress=False))
     return root / "data"
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_ae(tmp_path_factory):
+    """A real (trained) latent space: a tiny f4 AutoencoderKL trained once per session on the bundled
+    photos (a few seconds).  Returns the training.json summary; ``summary["vae"]`` loads with --vae."""
+    from latentdiff.training.autoencoder.config import AutoencoderConfig
+    from latentdiff.training.autoencoder.loop import train_autoencoder
+
+    out = tmp_path_factory.mktemp("trained_ae")
+    cfg = AutoencoderConfig(output=str(out), resolution=160, crop=32, block_out_channels=[8, 16, 16],
+                            steps=150, batch_size=8, learning_rate=4e-3, eval_every=0, checkpoint_every=0, stat_crops=64,
+                            precision="fp32", progress=False, command=["tests/conftest.py::trained_tiny_ae"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is ~10x cheaper than two on a loaded machine
+    try:
+        return train_autoencoder(cfg)
+    finally:
+        torch.set_num_threads(threads)
