@@ -53,6 +53,14 @@ def several_ranks() -> bool:
     return ldist.is_distributed() and dist.get_world_size() > 1
 
 
+def all_reduce_moments(n: int, total: torch.Tensor, outer: torch.Tensor) -> int:
+    """Sum a count and the float64 feature sum and outer-product sum over ranks (in place); the total count."""
+    count = torch.tensor([float(n)], dtype=torch.float64)
+    for t in (count, total, outer):
+        _all_reduce_(t)
+    return int(round(count.item()))
+
+
 def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks of a CPU tensor (moved to the backend's device when it is not gloo)."""
     if not several_ranks():
@@ -87,11 +95,7 @@ class FeatureAccumulator:
         """Sum ``n``, the feature sum and the outer products over ranks (every rank must call this)."""
         if not several_ranks():
             return
-        n = torch.tensor([float(self.n)], dtype=torch.float64)
-        _all_reduce_(n)
-        _all_reduce_(self.sum)
-        _all_reduce_(self.outer)
-        self.n = int(round(n.item()))
+        self.n = all_reduce_moments(self.n, self.sum, self.outer)
 
     def statistics(self) -> tuple[np.ndarray, np.ndarray, int]:
         if self.n < 2:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from latentdiff.metrics.frechet import _all_reduce_, several_ranks
+from latentdiff.metrics.frechet import all_reduce_moments, several_ranks
 from latentdiff.metrics.wavelets import haar_packets
 from latentdiff.utils.errors import FIDError
 
@@ -85,11 +85,7 @@ class PacketAccumulator:
         if self.sum is None:
             self.sum = torch.zeros(*dims, dtype=torch.float64)
             self.outer = torch.zeros(dims[0], dims[1], dims[1], dtype=torch.float64)
-        n = torch.tensor([float(self.n)], dtype=torch.float64)
-        _all_reduce_(n)
-        _all_reduce_(self.sum)
-        _all_reduce_(self.outer)
-        self.n = int(round(n.item()))
+        self.n = all_reduce_moments(self.n, self.sum, self.outer)
 
     def statistics(self) -> tuple[np.ndarray, np.ndarray, int]:
         """``(mu (P, d), sigma (P, d, d), n)``: ``mu = S / n``, ``sigma = (Q - n mu mu^T) / (n - 1)``."""

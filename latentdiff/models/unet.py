@@ -183,19 +183,7 @@ class UNet(DenoiserNetMixin, nn.Module):
         c_noise = torch.as_tensor(c_noise, device=x.device).reshape(-1)
         if c_noise.shape != (x.shape[0],):
             raise ValueError(f"{self.name}: c_noise must have shape ({x.shape[0]},), got {tuple(c_noise.shape)}")
-        if c.num_classes == 0:
-            if labels is not None:
-                raise ValueError(f"{self.name} is unconditional (num_classes=0) but labels were given")
-        elif labels is None:
-            raise ValueError(
-                f"{self.name} is class-conditional (num_classes={c.num_classes}): pass labels "
-                f"(use the null class {self.null_label} for unconditional samples)"
-            )
-        elif labels.shape != (x.shape[0],) or labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"{self.name}: labels must be an integer tensor of shape ({x.shape[0]},), "
-                f"got {labels.dtype} {tuple(labels.shape)}"
-            )
+        self._check_labels(x, labels)
         tdtype = torch.float64 if c_noise.dtype == torch.float64 else torch.float32
         t = c.time_scale * c_noise.to(tdtype)
         return self.net(x, t, class_labels=labels, return_dict=False)[0]

@@ -201,20 +201,7 @@ class UViT(DenoiserNetMixin, nn.Module):
             raise ValueError(f"{self.name}: expected x of shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
         if c_noise.shape != (x.shape[0],):
             raise ValueError(f"{self.name}: c_noise must have shape ({x.shape[0]},), got {tuple(c_noise.shape)}")
-        if self.label_emb is None:
-            if labels is not None:
-                raise ValueError(f"{self.name} is unconditional (num_classes=0) but labels were given")
-            return
-        if labels is None:
-            raise ValueError(
-                f"{self.name} is class-conditional (num_classes={c.num_classes}): pass labels "
-                f"(use the null class {self.null_label} for unconditional samples)"
-            )
-        if labels.shape != (x.shape[0],) or labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"{self.name}: labels must be an integer tensor of shape ({x.shape[0]},), "
-                f"got {labels.dtype} {tuple(labels.shape)}"
-            )
+        self._check_labels(x, labels)
 
     def _run(self, blk: Block, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
