@@ -248,4 +248,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # end like the CLIs: os._exit with main's code, so interpreter teardown with a live communication
+    # thread cannot abort a rank after its work is done ("terminate called without an active exception")
+    ldist.run_entry_point(main, "fid_reference.py")
