@@ -158,7 +158,7 @@ def test_two_ranks_under_torchrun(tmp_path):
             "--block-out-channels", "[8, 16]", "--steps", "3", "--stat-crops", "8", "--precision", "fp32",
             "--progress", "false"]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(tool), *args], check=False, env=env, capture_output=True, text=True, timeout=300)
+                          str(tool), *args], check=False, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads((tmp_path / "out" / "training.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3

@@ -497,7 +497,7 @@ def test_bad_arguments_fail_fast(tmp_path, folder, vae_dir, monkeypatch):
     t = time.time()
     with pytest.raises(EncodeError) as ei:
         _encode([folder], out, "someorg/not-a-cached-vae")
-    assert time.time() - t < 10
+    assert time.time() - t < 30  # no network retries (those take minutes); generous for a busy machine
     msg = str(ei.value)
     assert "HF_HUB_OFFLINE=1" in msg and "--vae /path/vae" in msg and "save_pretrained" in msg
     # an output dir with an unrelated dataset

@@ -44,7 +44,7 @@ def _args(src: Path, vae: Path, out: Path) -> list[str]:
             "--shard-size", str(CHUNK), "--batch-size", str(CHUNK), "--workers", "1", "--no-progress"]
 
 
-def _torchrun(nproc: int, script: Path, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, script: Path, args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"torchrun failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"

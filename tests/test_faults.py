@@ -31,7 +31,7 @@ def _train_cmd(dataset, run_dir, *extra):
             "--heldout-batch", "0", "--deepspeed_config", str(REPO / "ds_configs" / "zero2.json"), *map(str, extra)]
 
 
-def _run_until_error(cmd, needle, tmp_path, *, after_s=60, start_s=600):
+def _run_until_error(cmd, needle, tmp_path, *, after_s=120, start_s=900):
     """Run ``cmd`` in its own session; once ``needle`` (the error) is printed, the job must end within
     ``after_s`` -- a generous bound, far below the 30 min collective timeout a hang waits for.  (The time
     to reach the error is bounded separately: the first launch may compile a DeepSpeed op for minutes.)"""

@@ -659,7 +659,7 @@ def test_reference_tool_under_torchrun_two_ranks(tmp_path, inception_weights, re
         "--out", str(out), "--inception-weights", str(inception_weights), "--allow-small", "--batch-size", "4",
         "--no-progress",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = reference.load_reference(real_reference / "ref.npz")
     two = reference.load_reference(out)

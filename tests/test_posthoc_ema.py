@@ -133,7 +133,7 @@ def test_reconstructing_a_tracked_profile_reproduces_it_and_the_export_samples(t
 
     run = tmp_path / "run"
     p = torchrun(train_args(tiny_dataset, run, "--max-steps", 16, "--checkpoint-every", 8,
-                            "--snapshot-every-images", 16), nproc=1, timeout=600)
+                            "--snapshot-every-images", 16), nproc=1, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     snaps = list_snapshots(run / "ema_snapshots")
     assert [s.images for s in snaps] == list(range(16, 129, 16)) and snaps[-1].step == 16
@@ -176,7 +176,7 @@ def test_reconstructing_a_tracked_profile_reproduces_it_and_the_export_samples(t
     sweep = tmp_path / "sweep"
     p = subprocess.run([sys.executable, "tools/bench/phema_sweep.py", str(run), "--out", str(sweep), "--sigma-rels",
                         "0.05", "0.2", "--num", "8", "--batch", "8", "--nfe", "3"], cwd=repo, capture_output=True,
-                       text=True, timeout=300, check=False)
+                       text=True, timeout=900, check=False)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     res = json.loads((sweep / "sweep.json").read_text())
     assert [r["sigma_rel"] for r in res["sweep"]] == [0.05, 0.2] and res["images"] == 128
@@ -208,7 +208,7 @@ def test_zero3_on_two_ranks_tracks_the_same_power_ema_as_zero0(tiny_dataset, tmp
         args = train_args(tiny_dataset, run, "--max-steps", 6, "--checkpoint-every", 6, "--snapshot-every-images", 32,
                           "--snapshot-dtype", "fp32")
         args[args.index("--deepspeed_config") + 1] = ds
-        p = torchrun(args, timeout=600)
+        p = torchrun(args, timeout=900)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
         runs[name] = run
     ck3 = runs["z3"] / "checkpoints" / "step_00000006"

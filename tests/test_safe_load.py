@@ -251,7 +251,7 @@ def _torchrun(args, port):
     env.pop("LATENTDIFF_FAULT", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
            "-m", "latentdiff.train", *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO, check=False)
 
 
 @pytest.mark.slow

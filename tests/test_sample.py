@@ -32,7 +32,7 @@ def _env():
     return env
 
 
-def _run(cmd, timeout=300):
+def _run(cmd, timeout=900):
     p = subprocess.run([sys.executable, *map(str, cmd)], env=_env(), capture_output=True, text=True, timeout=timeout,
                        cwd=REPO)
     assert p.returncode == 0, cause(p)
