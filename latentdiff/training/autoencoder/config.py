@@ -43,7 +43,7 @@ class AutoencoderConfig:
     layers_per_block: int = field(default=1, **_help("resnet layers per level"))
     norm_num_groups: int = field(default=1, **_help("GroupNorm groups (must divide every channel count)"))
     mid_attention: bool = field(default=False, **_help("self-attention in the mid block"))
-    steps: int = field(default=3000, **_help("optimizer steps"))
+    steps: int = field(default=2400, **_help("optimizer steps"))
     batch_size: int = field(default=4, **_help("crops per step per rank"))
     learning_rate: float = field(default=2e-3, **_help("AdamW peak learning rate (cosine decay to 0)"))
     ssim_weight: float = field(default=0.5, **_help("weight of 1 - SSIM in the loss"))
