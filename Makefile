@@ -8,7 +8,9 @@ STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: install test test-fast quickstart bench clean
-VAE ?= none
+# VAE=train (default): the small f4 autoencoder, trained once and cached in .cache/; VAE=none: pixel space;
+# VAE=DIR|HUB_ID: a pretrained AutoencoderKL
+VAE ?= train
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,4 +35,4 @@ bench: $(STAMP)
 	$(BIN)/python tools/bench/sampler_accuracy.py --out bench_out/sampler_accuracy
 
 clean:
-	rm -rf $(VENV) bench_out quickstart
+	rm -rf $(VENV) bench_out quickstart .cache/quickstart-autoencoder

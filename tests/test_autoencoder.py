@@ -14,7 +14,7 @@ from latentdiff.training.autoencoder import loop
 from latentdiff.training.autoencoder.config import AutoencoderConfig
 from latentdiff.training.autoencoder.images import load_images
 from latentdiff.training.autoencoder.losses import psnr, ssim
-from latentdiff.training.autoencoder.model import latent_statistics
+from latentdiff.training.autoencoder.model import build_autoencoder, latent_statistics
 from latentdiff.utils.errors import ConfigError, TrainError
 from latentdiff.vae.autoencoder import Autoencoder
 
@@ -104,6 +104,21 @@ def test_export_loads_with_vae_dir_and_sets_scaling_from_data(tmp_path):
     mean, std = latent_statistics(ae.vae, crops)
     assert ae.scaling_factor == pytest.approx(1 / std, rel=1e-5) and ae.scaling_factor != 0.18215
     assert ae.shift_factor == pytest.approx(mean, rel=1e-5, abs=1e-7)
+
+
+def test_latent_statistics_are_the_exact_moments_of_the_sampled_latents():
+    torch.manual_seed(0)
+    vae = build_autoencoder(AutoencoderConfig(output="x", block_out_channels=[8, 8]).architecture(), 0).eval()
+    crops = torch.rand(5, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        d = vae.encode(crops).latent_dist
+        m, s = d.mean.double(), d.std.double()
+        mean, std = latent_statistics(vae, crops, batch=2)  # batching does not change the moments
+        # Monte Carlo check of Var[m + s eps] = Var[m] + E[s^2]
+        z = m + s * torch.randn((400, *m.shape), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert mean == pytest.approx(float(m.mean()), rel=1e-6)
+    assert std == pytest.approx(float((m.var(unbiased=False) + s.pow(2).mean()).sqrt()), rel=1e-6)
+    assert std == pytest.approx(float(z.std()), rel=0.01) and std > float(m.std()) * 1.01
 
 
 def test_encode_stage_accepts_the_trained_vae(tmp_path):

@@ -1,30 +1,34 @@
 #!/usr/bin/env python
 """The whole pipeline on CPU in minutes, on real photographs that ship with scikit-image.
 
-    make quickstart                      # pixel space (no VAE), ~10 minutes on 2 CPU cores
-    make quickstart VAE=/path/to/vae     # the same with a pretrained AutoencoderKL (hub id or local dir)
+    make quickstart                      # latent space: trains (or reuses) the small f4 autoencoder, ~15 min on 2 cores
+    make quickstart VAE=none             # pixel space (16x16 images, no autoencoder)
+    make quickstart VAE=/path/to/vae     # a pretrained AutoencoderKL (local directory, or a hub id in your cache)
     python tools/quickstart.py --small   # the reduced size the test suite runs (same code path)
 
 Steps (each one is the real command a user would run):
+0. ``--vae train`` (default): ``tools/train_autoencoder.py --preset f4`` on the bundled photos (2 ranks, torch
+   DDP), cached in ``.cache/quickstart-autoencoder/`` under a key of the recipe, the training pixels and the
+   trainer's code (an unchanged re-run reuses it; see ``tools/quickstart_vae.py``);
 1. a dataset of random crops of the 14 bundled photographs, one class per photo (fixed seed);
-2. ``tools/encode_latents.py`` -> webdataset shards + statistics (power spectra, distance stats);
-3. ``tools/plot_schedules.py`` -> the paper's figures for these statistics;
+2. ``tools/encode_latents.py`` -> webdataset shards + statistics (power spectra, distance stats) of the
+   latents (64x64 photos -> 16x16x4 latents) or of 16x16 pixels with ``--vae none``;
+3. ``tools/plot_schedules.py`` -> the paper's figures for these statistics; with a VAE also the
+   reconstructions and the latent-vs-RGB radial power spectra (the paper's motivation figure);
 4. ``torchrun --nproc_per_node 2 -m latentdiff.train`` with DeepSpeed ZeRO-2 and the WSNR-aligned
    noise schedule (tensorboard logs in quickstart/run/tb);
 5. ``latentdiff-export`` (automatic at the end of training) and ``latentdiff.sample`` with the
-   NFE-guided hybrid sampler and the data-driven sigma_max;
+   NFE-guided hybrid sampler and the data-driven sigma_max (samples decoded through the autoencoder);
 6. ``latentdiff.eval`` (FWD, SWD, KID, precision/recall; no network) of the samples against the held-out
    validation split (``--val-fraction`` at encode time), next to the same metrics for training images
    (the floor) and for uniform noise (the ceiling);
 7. ``tools/bench/sampler_accuracy.py`` (ideal-denoiser benchmark, small);
 8. ``quickstart/report.md`` linking everything with the numbers.
 
-Why pixel space by default: no pretrained VAE can be downloaded here, and a randomly initialized
-VAE decodes to noise, so latent samples would be meaningless.  Pixel space (``--vae none``) with the
-identity normalization is EDM's own setting, and the WSNR alignment then does exactly what the paper
-describes: small images are noisier than the 64x64 reference at equal sigma, so the training
-distribution moves to smaller sigma.  16x16 because ~1000 CPU steps (7 minutes on 2 cores) give
-class-coloured textures at 16x16 and mostly noise at 32x32.  Pass ``--vae`` to use a real VAE.
+The diffusion model always sees 16x16 inputs (16x16 pixels, or the 16x16x4 latents of 64x64 photos at f4):
+~1000 CPU steps (7 minutes on 2 cores) give class-coloured textures at 16x16 and mostly noise at 32x32.
+A randomly initialized VAE decodes to noise, which is why the default trains a small real one
+(no download) instead.
 """
 from __future__ import annotations
 
@@ -47,6 +51,17 @@ from latentdiff.data.reader import LatentShardDataset
 from latentdiff.data.stats import DatasetStats
 from latentdiff.vae.decode import decode_to_uint8, image_grid
 from latentdiff.vae.normalization import Normalization
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quickstart_vae import (  # tools/ is not a package
+    VaePlan,
+    first_images,
+    mark_cached,
+    reconstructions,
+    resolution_for,
+    resolve_vae,
+    spectra_figure,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,8 +113,12 @@ def _last_scalars(ea, prefix: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="quickstart", help="output directory")
-    p.add_argument("--vae", default="none", help="none (pixel space), a hub id or a local AutoencoderKL directory")
-    p.add_argument("--resolution", type=int, default=16, help="16 trains visibly in minutes on a CPU; 32 needs far more steps")
+    p.add_argument("--vae", default="train",
+                   help="train (the small f4 autoencoder, cached), none (pixel space), a hub id or a local AutoencoderKL directory")
+    p.add_argument("--ae-cache", default=str(REPO / ".cache" / "quickstart-autoencoder"),
+                   help="where --vae train keeps the trained autoencoders (one directory per recipe/data/code key)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side; default 16 x the VAE's downsampling factor (16x16 model inputs train visibly in minutes)")
     p.add_argument("--per-class", type=int, default=60, help="crops per photo (14 photos)")
     p.add_argument("--images", type=int, default=32_000, help="training duration in images (~1000 steps of 2 x 16)")
     p.add_argument("--nproc", type=int, default=2, help="local ranks (DeepSpeed ZeRO-2)")
@@ -124,15 +143,15 @@ def main(argv=None) -> int:
     images = out / "images"
     n_img = write_photo_dataset(images, args.per_class, args.seed)
     print(f"[quickstart] wrote {n_img} crops of 14 scikit-image photos (one class each) to {images}", flush=True)
-    if args.vae == "none":
-        print("[quickstart] VAE: none -> training in pixel space (no pretrained VAE is available offline; a random "
-              "VAE would decode to noise). Pass --vae HUB_ID_OR_DIR to train on real latents.", flush=True)
+    plan = prepare_vae(args, out, log, env)
+    args.resolution = args.resolution or resolution_for(plan)
     # 2. encode
     data = out / "data"
     sh([py, "tools/encode_latents.py", "--input", images, "--output", data, "--resolution", args.resolution,
-        "--vae", args.vae, "--shard-size", 32 if args.small else 64, "--batch-size", 32, "--workers", 1, "--flip",
+        "--vae", plan.vae, "--shard-size", 32 if args.small else 64, "--batch-size", 32, "--workers", 1, "--flip",
         "--val-fraction", args.val_fraction, "--no-progress"], log, env, "encode")
     data_grid(data, out / "training_data.png")
+    latent = latent_figures(plan, images, data, out, args) if plan.mode != "pixel" else None
     # 3. figures
     sh([py, "tools/plot_schedules.py", "--dataset", data, "--normalization", "sd", "--photos", "--resolutions", args.resolution, 64,
         "--num", 100 if args.small else 300, "--out", out / "figures"], log, env, "paper figures")
@@ -165,11 +184,51 @@ def main(argv=None) -> int:
         "--resolution", 16, "--samples", 16 if args.small else 32, "--ref-steps", 128 if args.small else 256,
         "--nfe", *((7, 15, 35) if args.small else (7, 11, 15, 19, 23, 27, 35, 51, 79))], log, env, "sampler benchmark")
     # 8. report
-    report = write_report(out, data, run, export, samples, bench, quality, time.time() - t0, args)
+    report = write_report(out, data, run, export, samples, bench, quality, time.time() - t0, args, latent)
     print(report)
     print(f"[quickstart] finished in {time.time() - t0:.0f}s: see {out / 'report.md'}; "
           f"tensorboard --logdir {run / 'tb'}", flush=True)
     return 0
+
+
+def prepare_vae(args, out: Path, log: Path, env) -> VaePlan:
+    """Resolve ``--vae``; ``train``: train the small autoencoder unless the cache has this recipe."""
+    plan = resolve_vae(args.vae, Path(args.ae_cache), small=args.small, nproc=args.nproc)
+    if plan.mode == "pixel":
+        print("[quickstart] VAE: none -> training in pixel space (16x16 images). Drop VAE=none to train the small "
+              "autoencoder and run in its latent space, or pass VAE=DIR|HUB_ID for a pretrained one.", flush=True)
+    elif plan.mode == "pretrained":
+        print(f"[quickstart] VAE: pretrained {plan.vae}", flush=True)
+    elif plan.cached:
+        print(f"[quickstart] VAE: reusing the trained autoencoder {plan.cache_dir} (same recipe, data and code)", flush=True)
+    else:
+        print(f"[quickstart] VAE: training the small f4 autoencoder into {plan.cache_dir} (cached for the next run)", flush=True)
+        train = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", args.nproc,
+                 "--master_port", 29100 + os.getpid() % 300, "tools/train_autoencoder.py", *plan.train_flags,
+                 "--output", plan.cache_dir, "--progress", "false"]
+        sh(train, log, env, "train the autoencoder (torchrun, DDP)")
+        mark_cached(plan.cache_dir, plan)
+    return plan
+
+
+def latent_figures(plan: VaePlan, images: Path, data: Path, out: Path, args) -> dict:
+    """Reconstructions, the latent-vs-RGB radial spectra and the autoencoder's own numbers for the report."""
+    from latentdiff.training.schedule import model_space_power
+    from latentdiff.vae.autoencoder import Autoencoder
+
+    crops = first_images(images, args.resolution, 14)
+    rec = reconstructions(plan.vae, crops, out / "reconstructions.png")
+    stats = DatasetStats.load(data)
+    norm = Normalization.sd(Autoencoder.load(plan.vae).description())
+    model_power = model_space_power(stats, norm)
+    c, h, _ = model_power.shape
+    spectra_figure(model_power, stats.rgb64_power, out / "spectra.png", f"latents {h}x{h}x{c} (model space)")
+    info = {"reconstruction": rec, "vae": plan.vae, "mode": plan.mode, "cached": plan.cached}
+    if plan.mode == "train":
+        t = json.loads((plan.cache_dir / "training.json").read_text())
+        info["autoencoder"] = {k: t[k] for k in ("heldout_psnr", "heldout_ssim", "steps", "cpu_seconds", "wall_seconds",
+                                                 "world_size", "scaling_factor", "shift_factor", "command")}
+    return info
 
 
 QUALITY_SETS = (("floor", "training data (floor)"), ("samples", "model samples"), ("ceiling", "uniform noise (ceiling)"))
@@ -196,7 +255,12 @@ def measure_quality(out: Path, data: Path, samples: Path, n: int, log: Path, env
     noise = _write_pngs(q / "noise", torch.randint(0, 256, (n, 3, *res), generator=g, dtype=torch.uint8))
     n_val = load_manifest(data / "val").num_images
     m = min(n, n_val)
-    metrics = "fwd,swd,kid,pr" if m >= 128 else "fwd,kid,pr"
+    from latentdiff.metrics.evaluation import EvalSettings
+    from latentdiff.metrics.fwd import fwd_min_samples
+
+    # every metric the set sizes allow (FWD's covariance needs more images at 64x64 than at 16x16)
+    fwd_ok = m >= fwd_min_samples(tuple(res), EvalSettings().fwd_level)
+    metrics = ",".join(k for k, ok in (("fwd", fwd_ok), ("swd", m >= 128), ("kid", True), ("pr", True)) if ok)
     flags = ["--ref", data / "val", "--metrics", metrics, "--kid-subset-size", max(2, m // 2), "--kid-subsets", 50,
              "--inception", "off", "--no-progress"]
     results = {}
@@ -228,7 +292,27 @@ def quality_table(quality: dict) -> str:
                           for name, vals in _quality_rows(quality))
 
 
-def write_report(out, data, run, export, samples, bench, quality, seconds, args) -> str:
+def latent_section(latent: dict | None, w: dict) -> str:
+    """The report's latent-space paragraph (empty in pixel space)."""
+    if not latent:
+        return ""
+    rec = latent["reconstruction"]
+    ae = latent.get("autoencoder")
+    how = "reused from the cache" if latent["cached"] else "trained in this run"
+    trained = "" if not ae else (
+        f"The small f4 autoencoder ({how}): held-out PSNR {ae['heldout_psnr']:.2f} dB, SSIM {ae['heldout_ssim']:.3f} "
+        f"after {ae['steps']} steps ({ae['cpu_seconds']:.0f} CPU-s on rank 0, {ae['world_size']} ranks); scaling_factor "
+        f"{ae['scaling_factor']:.4f}, shift_factor {ae['shift_factor']:+.4f} from its training latents.\n\n")
+    shown = (f"Reconstructions of {rec['n']} dataset images (top: originals, bottom: encode -> decode; PSNR "
+             f"{rec['psnr']:.2f} dB, SSIM {rec['ssim']:.3f}): ![reconstructions](reconstructions.png)\n\n")
+    spectra = ("Radial power spectra of the model-space latents and of the 64x64 RGB images (each profile divided "
+               "by its sum; the paper's motivation figure): ![spectra](spectra.png)\n\n")
+    shift = (f"WSNR shift this latent space implies (Eq. 2-3, vs the 64x64 RGB reference): sigma x "
+             f"{w.get('sigma_factor', float('nan')):.4f}, P_mean {w.get('p_mean_shift', float('nan')):+.4f}.\n")
+    return f"## Latent space ({latent['vae']})\n\n" + trained + shown + spectra + shift
+
+
+def write_report(out, data, run, export, samples, bench, quality, seconds, args, latent=None) -> str:
     meta = json.loads((export / "model.json").read_text())
     sched = meta["schedule"]
     sampling = json.loads((samples / "sampling.json").read_text())
@@ -256,6 +340,7 @@ def write_report(out, data, run, export, samples, bench, quality, seconds, args)
         "steps": meta["step"],
         "quality": quality,
         "validation_loss": _last_scalars(ea, "val/"),
+        "latent": latent,
     }
     (out / "report.json").write_text(json.dumps(summary, indent=1))
     bench_table = (bench / "table.md").read_text()
@@ -274,7 +359,8 @@ shards + statistics -> UViT trained with DeepSpeed ZeRO-2 on {args.nproc} ranks 
 | training loss (first -> last logged) | {first[1]:.4f} (step {first[0]}) -> {last[1]:.4f} (step {last[0]}) |
 | sampler | {sampling['solver']}, NFE requested {summary['nfe_requested']}, used {sampling['nfe_used']} |
 
-Generated samples: ![samples](samples.png)   Training data: ![data](training_data.png)
+{latent_section(latent, w)}
+Generated samples{' (decoded through the autoencoder)' if latent else ''}: ![samples](samples.png)   Training data: ![data](training_data.png)
 
 Figures (wsnr.txt Fig. 1, 2, 6 for these statistics): [sigma densities](figures/sigma_densities.png),
 [WSNR vs sigma](figures/wsnr_vs_sigma.png), [distances and p_ub](figures/distances.png).

@@ -2,7 +2,7 @@
 """Train a small KL autoencoder (diffusers AutoencoderKL) on an image folder, tar shards or the bundled
 photos; the same command as ``latentdiff-train-autoencoder`` (see ``latentdiff.cli.train_autoencoder``).
 
-    python tools/train_autoencoder.py --output DIR [--input PATH ...] [--preset f4] [--steps 1500]
+    python tools/train_autoencoder.py --output DIR [--input PATH ...] [--preset f4] [--steps 2400]
 
 Multi-rank: ``torchrun --nproc_per_node N tools/train_autoencoder.py ...``.
 """

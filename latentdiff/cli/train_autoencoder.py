@@ -1,7 +1,7 @@
 """``latentdiff-train-autoencoder``: train a small KL autoencoder for your images (no hub needed).
 
     latentdiff-train-autoencoder --output DIR [--input PATH ...] [--preset f4|f8|f4-wide] \\
-        [--latent-channels 4] [--steps 1500] [--resolution 512] [--crop 64] [--precision bf16|fp32]
+        [--latent-channels 4] [--steps 2400] [--resolution 512] [--crop 64] [--precision bf16|fp32]
 
 No ``--input``: the photographs bundled with scikit-image.  Inputs are read as ``latentdiff-encode``
 reads them (folders, .tar shards, list files) and ADM-center-cropped to ``--resolution``; the right

@@ -31,18 +31,23 @@ class ModelEMA:
 
 @torch.no_grad()
 def latent_statistics(vae, crops: torch.Tensor, batch: int = 32) -> tuple[float, float]:
-    """(mean, std) over every value of the posterior means of ``crops``, computed in float64.
+    """(mean, std) over every value of the *sampled* latents ``z = m + s eps`` of ``crops``, in float64.
 
-    The export sets ``shift_factor = mean`` and ``scaling_factor = 1 / std`` so that
-    ``(z - shift) * scaling`` has zero mean and unit variance on the training data (the convention of
-    diffusers ``AutoencoderKL``: latents = (z - shift_factor) * scaling_factor).
+    Exact moments of the posterior mixture, no sampling: ``E[z] = E[m]`` and
+    ``Var[z] = Var[m] + E[s^2]`` (law of total variance), over all crops, channels and positions.  The
+    diffusion model trains on sampled latents (the encode stage's ``sampled_latent_power``), and LDM
+    (Rombach et al. 2022) likewise sets its scale factor from the std of sampled latents.  The export sets
+    ``shift_factor = mean`` and ``scaling_factor = 1 / std``, so ``(z - shift) * scaling`` has zero mean
+    and unit variance on the training data (diffusers: latents = (z - shift_factor) * scaling_factor).
     """
-    total, sq, n = 0.0, 0.0, 0
+    total, sq, post, n = 0.0, 0.0, 0.0, 0
     for i in range(0, len(crops), batch):
-        z = vae.encode(crops[i:i + batch]).latent_dist.mean.double()
+        dist = vae.encode(crops[i:i + batch]).latent_dist
+        z, s = dist.mean.double(), dist.std.double()
         total += float(z.sum())
         sq += float((z * z).sum())
+        post += float((s * s).sum())
         n += z.numel()
     mean = total / n
-    var = max(sq / n - mean * mean, 1e-12)
+    var = max(sq / n - mean * mean + post / n, 1e-12)
     return mean, var**0.5
