@@ -497,6 +497,21 @@ def test_sigterm_makes_every_rank_save_and_exit_zero(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_signal_on_one_rank_stops_every_rank_within_stop_check_every_steps(tiny_dataset, tmp_path):
+    """The bound of training/signals.py: SIGUSR1 reaches rank 1 after step 5, the ranks agree every 4
+    steps, so both save step ceil(5 / 4) * 4 = 8 and exit 0 (no agreement, no collective, at 5-7)."""
+    run = tmp_path / "run"
+    p = torchrun(train_args(tiny_dataset, run, "--max-steps", 40, "--checkpoint-every", 1000, "--stop-check-every", 4),
+                 env={"LATENTDIFF_FAULT": "signal-rank:1:5"})
+    assert p.returncode == 0, cause(p)
+    assert "stop requested (SIGTERM/SIGUSR1): saved step 8, exiting" in p.stdout, p.stdout[-2000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    state = json.loads((run / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["world_size"] == 2
+    assert "stopped by a stop signal at step 8" in p.stdout
+
+
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     p = torchrun(train_args(tiny_dataset, run, "--max-steps", 2, "--checkpoint-every", 2), nproc=1)

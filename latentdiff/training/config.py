@@ -102,7 +102,10 @@ class TrainConfig:
     checkpoint_every: int = _opt(1000, "optimizer steps between checkpoints")
     keep_last: int = _opt(3, "most recent checkpoints kept")
     keep_every: int = _opt(0, "also keep every checkpoint whose step is a multiple of this (0 = none)")
-    log_every: int = _opt(50, "optimizer steps between tensorboard scalars")
+    log_every: int = _opt(50, "optimizer steps between tensorboard scalars (the statistics stay on the device "
+                                "in between and are reduced over ranks only then)")
+    stop_check_every: int = _opt(10, "optimizer steps between the ranks' agreement on a stop signal (SIGTERM/"
+                                     "SIGUSR1): a signal is acted on within this many steps (1 = every step)")
     sample_every: int = _opt(0, "tensorboard sample grid every K optimizer steps (0 = off)")
     sample_count: int = _opt(16, "images in the tensorboard sample grid")
     sample_nfe: int = _opt(35, "denoiser evaluations per sample-grid image")
@@ -174,7 +177,7 @@ class TrainConfig:
                           (("warmup_images", "max_steps", "global_batch", "keep_every", "sample_every",
                             "heldout_batch", "num_workers", "snapshot_every_images", "snapshot_keep",
                             "val_every", "eval_every"), 0),
-                          (("checkpoint_every", "keep_last", "log_every", "sample_count", "sample_nfe",
+                          (("checkpoint_every", "keep_last", "log_every", "stop_check_every", "sample_count", "sample_nfe",
                             "val_samples", "eval_samples",
                             "fp16_max_min_scale_steps"), 1)):
             for name in names:
@@ -226,6 +229,7 @@ class TrainConfig:
 RESUME_SAFE_FIELDS = frozenset(
     {
         "run_dir", "duration_images", "max_steps", "checkpoint_every", "keep_last", "keep_every", "log_every",
+        "stop_check_every",
         "sample_every", "sample_count", "sample_nfe", "sample_solver", "heldout_batch", "resume", "force_resume",
         "comm_timeout_minutes", "verify_shards", "fp16_max_min_scale_steps", "dataset",
         "snapshot_every_images", "snapshot_dtype", "snapshot_keep", "val_dataset", "val_samples",

@@ -27,10 +27,11 @@ from latentdiff.training import evaluation, validation
 from latentdiff.training.quality import QualityEval
 from latentdiff.training.checkpoint import find_latest, save_checkpoint
 from latentdiff.training.config import TrainConfig
-from latentdiff.training.ema import EMA, PowerEMA
+from latentdiff.training.ema import EMA, PowerEMA, update_averages
 from latentdiff.training.engine import LossScaleWatch, build_ds_config, build_engine, ds_precision, warmup_steps_for
 from latentdiff.training.preview import SamplePreview
 from latentdiff.training.resume import check_resume
+from latentdiff.training.runtime import core_budget_note, usable_cores
 from latentdiff.training.schedule import resolve_schedule
 from latentdiff.training.signals import agree_stop, fault
 from latentdiff.training.snapshots import SNAPSHOT_DIR, snapshot_due, write_snapshot
@@ -42,7 +43,9 @@ from latentdiff.utils.io import atomic_write_json
 from latentdiff.utils.safe_load import safe_torch_load_scope
 from latentdiff.utils.seeds import step_seed
 
-__all__ = ["Trainer", "log_above_bar"]
+__all__ = ["Trainer", "log_above_bar", "PREFETCH"]
+
+PREFETCH = 2  # batches each loader worker prepares ahead (DataLoader prefetch_factor)
 
 
 def log_above_bar(log, msg: str) -> None:
@@ -101,6 +104,9 @@ class Trainer:
             self.log(f"warning: {problem}")
         for note in self.data.notes:
             self.log(f"note: {note}")
+        cores = core_budget_note(ldist.env_local_world_size(), torch.get_num_threads(), cfg.num_workers, usable_cores())
+        if cores:
+            self.log(f"note: {cores}")
         self.resolved = cfg.to_dict()
         self.preview = SamplePreview(
             self.run_dir, self.manifest.vae, self.norm, self.sample_shape, self.num_classes,
@@ -161,20 +167,32 @@ class Trainer:
         return True
 
     # data ---------------------------------------------------------------------------------------
+    def _loader(self, epoch: int, start: int):
+        """An iterator over the batches of ``epoch`` from batch ``start`` (its workers start now)."""
+        self.data.set_epoch(epoch, start)
+        w = self.cfg.num_workers
+        return iter(torch.utils.data.DataLoader(self.data, batch_size=None, num_workers=w,
+                                                prefetch_factor=PREFETCH if w > 0 else None, persistent_workers=False))
+
     def _batches(self):
-        """Micro-batches forever from the current (epoch, batch_in_epoch); keeps the position current."""
+        """Micro-batches forever from the current (epoch, batch_in_epoch); keeps the position current.
+
+        With workers, the next epoch's loader starts ``PREFETCH`` batches before this epoch ends (its
+        workers fork with the next epoch's order while this epoch's workers finish), so the step does not
+        wait for worker start-up and the shuffle-buffer fill at each epoch boundary.  The order is the
+        same as starting it afterwards: it depends only on (seed, epoch, rank, worker, start batch)."""
+        ahead = None
         while True:
             if self.batch_in_epoch >= self.data.batches_per_epoch(self.epoch):
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            self.data.set_epoch(self.epoch, self.batch_in_epoch)
-            loader = torch.utils.data.DataLoader(
-                self.data, batch_size=None, num_workers=self.cfg.num_workers,
-                prefetch_factor=2 if self.cfg.num_workers > 0 else None, persistent_workers=False,
-            )
-            for batch in loader:
+            it = ahead if ahead is not None else self._loader(self.epoch, self.batch_in_epoch)
+            ahead, n = None, self.data.batches_per_epoch(self.epoch)
+            for batch in it:
                 self.batch_in_epoch += 1
+                if self.cfg.num_workers > 0 and ahead is None and self.batch_in_epoch >= n - PREFETCH:
+                    ahead = self._loader(self.epoch + 1, 0)
                 yield batch
-            del loader
+            del it
 
     def _model_batch(self, batch, g: torch.Generator):
         mean, std, labels, _ = batch
@@ -207,12 +225,14 @@ class Trainer:
             loss, sigma = edm_loss(self.engine, y, self.sigma_dist, labels, generator=g)
             self.engine.backward(loss.mean())
             self.engine.step()
-            metrics.add(loss, sigma)
-        self.ema.update()
+            metrics.add(loss, sigma)  # on the device: no host sync until log time
         self.step += 1
         self.images_seen += self.global_batch
+        averages, weights = [self.ema], [self.ema.weights()]
         if self.power_ema is not None:  # beta from the image count after this step (EDM2 Sec. 3.1)
-            self.power_ema.update(self.images_seen, self.global_batch)
+            averages.append(self.power_ema)
+            weights.append(self.power_ema.weights(self.images_seen, self.global_batch))
+        update_averages(averages, weights)  # every EMA and power EMA in one fused lerp
 
     def _maybe_snapshot(self) -> None:
         """Post-hoc EMA snapshot every ``snapshot_every_images`` and at the end of the duration (collective)."""
@@ -232,7 +252,7 @@ class Trainer:
         tb = self._start()
         heldout = self._heldout_batch() if cfg.heldout_batch else None
         val = self._validation_triples()
-        metrics, batches = StepMetrics(), self._batches()
+        metrics, batches = StepMetrics(self.device), self._batches()
         end = self.total_steps if not cfg.max_steps else min(self.total_steps, cfg.max_steps)
         self._bar = bar = tqdm(total=end, initial=self.step, disable=not self.is_main, desc="train", unit="step",
                                dynamic_ncols=True)
@@ -244,8 +264,10 @@ class Trainer:
             self._maybe_snapshot()
             img_window += self.global_batch
             fault("kill-rank", self.step, self.rank)
+            fault("signal-rank", self.step, self.rank)
             self.loss_scale.check(self.step)
-            stop = self.stop_requested = agree_stop(self.stop_requested, self.device)  # one small all-reduce
+            # every stop_check_every steps: one small all-reduce (the bound: training/signals.py)
+            stop = self.stop_requested = agree_stop(self.stop_requested, self.device, self.step, cfg.stop_check_every)
             if self.step % cfg.log_every == 0 or self.step == end:
                 last = self._log(tb, metrics, time.time() - t_window, img_window, time.time() - t0)
                 metrics.reset()
