@@ -142,3 +142,82 @@ def test_the_next_epochs_loader_started_early_yields_the_same_batches(tiny_datas
     assert got == want and pos == (2, n)
     got, pos = trainer_batches(1, 3, 2 * n - 3)
     assert got == want[n + 3:] and pos == (2, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU options, tested on CPU where they run
+
+
+def test_fused_adamw_choice():
+    from latentdiff.training.engine import use_fused_adamw
+    from latentdiff.utils.errors import ConfigError
+
+    assert use_fused_adamw("auto", "cuda") and not use_fused_adamw("auto", "cpu")
+    assert use_fused_adamw("fused", "cpu") and use_fused_adamw("fused", "cuda")
+    assert not use_fused_adamw("default", "cuda") and not use_fused_adamw("default", "cpu")
+    with pytest.raises(ConfigError, match="no fused AdamW for 'nodevice'"):
+        use_fused_adamw("fused", "nodevice")
+
+
+def test_channels_last_unet_runs_nhwc_convolutions_with_the_same_output():
+    from latentdiff import models
+    from latentdiff.training.config import TrainConfig
+    from latentdiff.utils.errors import ConfigError
+
+    torch.manual_seed(0)
+    net = models.build("unet-tiny", in_channels=4, resolution=16, num_classes=3).eval()
+    x, c_noise, labels = torch.randn(2, 4, 16, 16), torch.tensor([0.1, -0.5]), torch.tensor([0, 3])
+    with torch.no_grad():
+        ref = net(x, c_noise, labels)
+    seen = []
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+             for m in convs]
+    net.set_channels_last(True)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    # ZeRO-1/2 flattening gives the weights standard strides again: the inputs still run channels-last
+    for m in convs:
+        m.weight.data = m.weight.data.contiguous()
+    with torch.no_grad():
+        out = net(x, c_noise, labels)
+    assert seen and all(seen), "a convolution saw an input in the standard layout"
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for h in hooks:
+        h.remove()
+    with pytest.raises(ConfigError, match="channels_last: applies to the convolutional models"):
+        TrainConfig(dataset="x", model="uvit-s", channels_last=True).validate()
+
+
+def _cxx_compiler():
+    import shutil
+
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _cxx_compiler(), reason="torch.compile on CPU (inductor) needs a C++ compiler")
+def test_compiled_and_eager_denoiser_give_the_same_loss_and_gradients():
+    from latentdiff import models
+    from latentdiff.diffusion.precond import EDMPrecond, edm_loss
+
+    torch.manual_seed(0)
+    net = models.build("uvit-tiny", in_channels=4, resolution=8, num_classes=3, depth=3)
+    den = EDMPrecond(net, 0.5)
+    y, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    sigma, labels = torch.tensor([0.01, 0.3, 1.0, 10.0]), torch.tensor([0, 1, 2, 3])
+
+    def loss_and_grads():
+        den.zero_grad(set_to_none=True)
+        loss, _ = edm_loss(den, y, labels=labels, sigma=sigma, noise=noise)
+        loss.mean().backward()
+        return loss.detach(), [p.grad.clone() for p in den.parameters()]
+
+    eager, g_eager = loss_and_grads()
+    names = [n for n, _ in den.named_parameters()]
+    den.compile()  # what engine.compile() does: in place
+    assert [n for n, _ in den.named_parameters()] == names
+    compiled, g_comp = loss_and_grads()
+    assert den._compiled_call_impl is not None
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

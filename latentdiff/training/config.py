@@ -29,6 +29,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESUME_MODES = ("auto", "never", "must")
 VERIFY_MODES = ("sample", "sha256", "size", "none")
 SNAPSHOT_DTYPES = ("fp16", "fp32")
+ADAMW_IMPLS = ("auto", "fused", "default")
+CONV_MODELS = ("unet", "unet-tiny")  # the models channels_last applies to
 
 
 def _opt(default, help: str):
@@ -84,6 +86,12 @@ class TrainConfig:
     eps: float = _opt(1e-8, "AdamW epsilon")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     grad_clip: float = _opt(1.0, "gradient norm clipping (0 disables)")
+    adamw_impl: str = _opt("auto", "AdamW kernels: auto (fused on an accelerator torch has fused AdamW for, e.g. "
+                                   "CUDA; torch's default elsewhere) | fused (also on CPU) | default")
+    compile: bool = _opt(False, "torch.compile the denoiser (in place: parameter names, checkpoints and exports "
+                                "unchanged); the first steps compile; on CPU it needs a C++ compiler")
+    channels_last: bool = _opt(False, "U-Net only: run the convolutions in channels-last memory format (tensor "
+                                      "cores on GPUs prefer it)")
     micro_batch: int = _opt(32, "samples per rank per micro-step")
     grad_accum: int = _opt(1, "micro-steps accumulated per optimizer step")
     global_batch: int = _opt(0, "samples per optimizer step; 0 = micro_batch x grad_accum x world size, "
@@ -148,13 +156,16 @@ class TrainConfig:
             e.append(f"dataset: {self.dataset}/dataset.json not found; encode first with tools/encode_latents.py")
         for name, choices in (("normalization", NORMALIZATIONS), ("noise", NOISES), ("precision", PRECISIONS),
                               ("resume", RESUME_MODES), ("verify_shards", VERIFY_MODES), ("sample_solver", SAMPLERS),
-                              ("snapshot_dtype", SNAPSHOT_DTYPES)):
+                              ("snapshot_dtype", SNAPSHOT_DTYPES), ("adamw_impl", ADAMW_IMPLS)):
             if getattr(self, name) not in choices:
                 e.append(f"{name}: {getattr(self, name)!r} is not one of {choices}")
         if not isinstance(self.model_overrides, dict):
             e.append(f"model_overrides: {self.model_overrides!r} must be a mapping")
         elif self.model not in MODEL_NAMES:
             e.append(f"model: {self.model!r} is not one of {', '.join(MODEL_NAMES)}")
+        if self.channels_last and self.model not in CONV_MODELS:
+            e.append(f"channels_last: applies to the convolutional models ({', '.join(CONV_MODELS)}), not {self.model!r} "
+                     "(a U-ViT is a transformer); remove it")
         return e
 
     def _check_numbers(self) -> list[str]:
@@ -229,11 +240,12 @@ class TrainConfig:
 RESUME_SAFE_FIELDS = frozenset(
     {
         "run_dir", "duration_images", "max_steps", "checkpoint_every", "keep_last", "keep_every", "log_every",
-        "stop_check_every",
         "sample_every", "sample_count", "sample_nfe", "sample_solver", "heldout_batch", "resume", "force_resume",
         "comm_timeout_minutes", "verify_shards", "fp16_max_min_scale_steps", "dataset",
         "snapshot_every_images", "snapshot_dtype", "snapshot_keep", "val_dataset", "val_samples",
-        "val_every", "eval_every", "eval_samples",
+        "val_every", "eval_every", "eval_samples", "stop_check_every",
+        # how the same arithmetic runs (kernels, memory layout): results differ by rounding only
+        "adamw_impl", "compile", "channels_last",
     }
 )
 

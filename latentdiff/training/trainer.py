@@ -75,21 +75,7 @@ class Trainer:
         self.total_steps = cfg.total_steps(self.world)
         self.warmup_steps = warmup_steps_for(cfg, self.global_batch)
 
-        # model + engine ---------------------------------------------------------------------------
-        c, h, _ = self.sample_shape
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
-        net = build_model(cfg.model, in_channels=c, resolution=h, num_classes=self.num_classes, **cfg.model_overrides)
-        self.model_config = dict(net.config)
-        self.null_label = net.null_label if self.num_classes > 0 else None  # the model's null class (CFG)
-        self.ds_config = build_ds_config(cfg, ds_config, self.world)
-        self.precision = ds_precision(self.ds_config)
-        self.engine, self.optimizer, self.lr_scheduler = build_engine(
-            EDMPrecond(net, sigma_data=self.schedule.sigma_data), cfg, self.ds_config, self.warmup_steps)
-        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.loss_scale = LossScaleWatch(self.engine, self.optimizer, self.ds_config, self.precision,
-                                         cfg.fp16_max_min_scale_steps)
-        self.ema = EMA(self.engine.module, cfg.ema_rates)
-        self.power_ema = PowerEMA(self.engine.module, cfg.power_ema_sigma_rels) if cfg.power_ema_sigma_rels else None
+        self._build_engine(ds_config)
 
         # state ------------------------------------------------------------------------------------
         self.step, self.images_seen = 0, 0
@@ -114,6 +100,28 @@ class Trainer:
             sigma_min=self.schedule.sigma_min, sigma_max=self.schedule.sigma_max, device=self.device)
         self._bar = None
         self._quality = None
+
+    def _build_engine(self, ds_config: dict | None) -> None:
+        """The network (same initial weights on every rank and run), the DeepSpeed engine, the EMAs."""
+        cfg = self.cfg
+        c, h, _ = self.sample_shape
+        torch.manual_seed(cfg.seed)
+        net = build_model(cfg.model, in_channels=c, resolution=h, num_classes=self.num_classes, **cfg.model_overrides)
+        self.model_config = dict(net.config)
+        self.null_label = net.null_label if self.num_classes > 0 else None  # the model's null class (CFG)
+        self.ds_config = build_ds_config(cfg, ds_config, self.world)
+        self.precision = ds_precision(self.ds_config)
+        if cfg.channels_last:
+            net.set_channels_last(True)
+        self.engine, self.optimizer, self.lr_scheduler = build_engine(
+            EDMPrecond(net, sigma_data=self.schedule.sigma_data), cfg, self.ds_config, self.warmup_steps,
+            self.device.type)
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.fused_adamw = bool(getattr(self.optimizer, "optimizer", self.optimizer).defaults.get("fused"))
+        self.loss_scale = LossScaleWatch(self.engine, self.optimizer, self.ds_config, self.precision,
+                                         cfg.fp16_max_min_scale_steps)
+        self.ema = EMA(self.engine.module, cfg.ema_rates)
+        self.power_ema = PowerEMA(self.engine.module, cfg.power_ema_sigma_rels) if cfg.power_ema_sigma_rels else None
 
     # checkpoints --------------------------------------------------------------------------------
     def state(self) -> TrainerState:
@@ -304,6 +312,8 @@ class Trainer:
             f"shape {self.sample_shape}, {self.num_classes} classes)",
             f"ranks {self.world}, ZeRO-{self.zero_stage}, {self.precision}; global batch {self.global_batch} = "
             f"{self.cfg.micro_batch} x {self.cfg.grad_accum} x {self.world}; {self.total_steps} steps",
+            f"AdamW {'fused' if self.fused_adamw else 'torch default'} kernels"
+            + (", torch.compile" if self.cfg.compile else "") + (", channels-last" if self.cfg.channels_last else ""),
             f"normalization {s.normalization.kind}, sigma_data {s.sigma_data:.4f}, "
             f"training sigma {s.sigma_dist}, sigma_max (data, alpha {s.sigma_max_rule.alpha}) {s.sigma_max:.3f}",
         ]

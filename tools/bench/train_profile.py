@@ -11,8 +11,8 @@ per optimizer step.  The parts wrapped, when the trainer has them:
 * latents: ``Trainer._model_batch`` (posterior draw, normalization, label dropout);
 * forward / backward / optimizer: ``edm_loss``, ``engine.backward``, ``engine.step``;
 * stats: ``StepMetrics.add`` (the σ-bin statistics);
-* ema / power-ema: the two EMA updates;
-* stop agreement: the stop/preemption flag agreement (``agree_stop`` / ``StopAgreement.poll``);
+* ema / power-ema: the two EMA updates (``ema + power-ema``: the fused ``update_averages``, when present);
+* stop agreement: the stop/preemption flag agreement (``agree_stop``);
 * log: ``Trainer._log`` (the reduction of the window's statistics, every ``log_every`` steps);
 * other: the rest of the loop iteration (fp16 watch, snapshot check, progress bar, ...).
 
@@ -34,8 +34,8 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from train_throughput import MODEL, make_dataset
 
-PARTS = ("data", "latents", "forward", "backward", "optimizer", "stats", "ema", "power-ema", "stop agreement",
-         "log", "other")
+PARTS = ("data", "latents", "forward", "backward", "optimizer", "stats", "ema", "power-ema", "ema + power-ema",
+         "stop agreement", "log", "other")
 
 
 class Timers:
@@ -90,11 +90,12 @@ def worker(args) -> None:
     tr = trainer_mod.Trainer(cfg, ds, log=lambda m: None)
     eng = tr.engine
     eng.backward, eng.step = tm.wrap("backward", eng.backward), tm.wrap("optimizer", eng.step)
-    tr.ema.update = tm.wrap("ema", tr.ema.update)
-    if tr.power_ema is not None:
-        tr.power_ema.update = tm.wrap("power-ema", tr.power_ema.update)
-    if hasattr(tr, "stop_agreement"):
-        tr.stop_agreement.poll = tm.wrap("stop agreement", tr.stop_agreement.poll)
+    if hasattr(trainer_mod, "update_averages"):  # one fused update of every EMA and power EMA
+        trainer_mod.update_averages = tm.wrap("ema + power-ema", trainer_mod.update_averages)
+    else:
+        tr.ema.update = tm.wrap("ema", tr.ema.update)
+        if tr.power_ema is not None:
+            tr.power_ema.update = tm.wrap("power-ema", tr.power_ema.update)
     tr._model_batch = tm.wrap("latents", tr._model_batch)
     tr._log = tm.wrap("log", tr._log)
     real_batches = tr._batches
