@@ -308,13 +308,18 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="steps of each round left out of the mean")
     p.add_argument("--batch", type=int, default=16, help="micro-batch per rank")
     p.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank of the trainer")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank of the trainer (default: "
+                   "what README 'Data loading and cores' says fits 2 one-thread ranks on this machine's cores)")
     p.add_argument("--work", default="bench_out/train_throughput/work")
     p.add_argument("--out", default="bench_out/train_throughput")
     p.add_argument("--skip-memory", action="store_true")
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.workers is None:
+        from latentdiff.training.runtime import usable_cores
+
+        args.workers = max(0, usable_cores() // 2 - 1)
     out = Path(args.out)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
