@@ -331,7 +331,7 @@ def test_run_description_keeps_the_wsnr_note_short(tiny_dataset):
         m, sched = load_manifest(tiny_dataset), resolve_schedule(cfg)
         run = SimpleNamespace(cfg=cfg, schedule=sched, manifest=m, run_dir="RUN", sample_shape=m.sample_shape,
                               num_classes=m.num_classes, world=1, zero_stage=2, precision="fp32", global_batch=8,
-                              total_steps=512)
+                              total_steps=512, fused_adamw=False)
         text = Trainer.describe(run)
         notes = [line for line in text.splitlines() if line.startswith(("note", "warning"))]
         if include_dc:
@@ -500,6 +500,49 @@ def test_sigterm_makes_every_rank_save_and_exit_zero(tiny_dataset, tmp_path):
     latest = (run / "checkpoints" / "latest").read_text().strip()
     state = json.loads((run / "checkpoints" / latest / "trainer_state.json").read_text())
     assert state["step"] > 0 and state["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_every_rank_within_stop_check_every_steps(tiny_dataset, tmp_path):
+    """The bound of training/signals.py: SIGUSR1 reaches rank 1 after step 5, the ranks agree every 4
+    steps, so both save step ceil(5 / 4) * 4 = 8 and exit 0 (no agreement, no collective, at 5-7)."""
+    run = tmp_path / "run"
+    p = torchrun(train_args(tiny_dataset, run, "--max-steps", 40, "--checkpoint-every", 1000, "--stop-check-every", 4),
+                 env={"LATENTDIFF_FAULT": "signal-rank:1:5"})
+    assert p.returncode == 0, cause(p)
+    assert "stop requested (SIGTERM/SIGUSR1): saved step 8, exiting" in p.stdout, p.stdout[-2000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    state = json.loads((run / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["world_size"] == 2
+    assert "stopped by a stop signal at step 8" in p.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("c++", "g++", "clang++")),
+                    reason="torch.compile on CPU (inductor) needs a C++ compiler")
+def test_compiled_denoiser_with_fused_adamw_trains_like_eager(tiny_dataset, tmp_path):
+    """--compile true --adamw-impl fused (both exist for GPUs; CPU runs them too): the logged losses of the
+    first steps equal the eager run's up to rounding, and either run's checkpoint resumes with the other's flags."""
+    common = ["--max-steps", 3, "--checkpoint-every", 3, "--log-every", 1, "--model-overrides", "{depth: 3}"]
+    eager, comp = tmp_path / "eager", tmp_path / "compiled"
+    p = torchrun(train_args(tiny_dataset, eager, *common), nproc=1)
+    assert p.returncode == 0, cause(p)
+    assert "AdamW torch default kernels" in p.stdout
+    p = torchrun(train_args(tiny_dataset, comp, *common, "--compile", "true", "--adamw-impl", "fused"), nproc=1,
+                 timeout=900)
+    assert p.returncode == 0, cause(p)
+    assert "AdamW fused kernels, torch.compile" in p.stdout
+    a, b = (dict(_tb_scalars(r)["loss/train"]) for r in (eager, comp))
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a, b)
+    # the options are resume-safe (same arithmetic): a checkpoint of either run resumes with the other's flags
+    from latentdiff.training.config import config_diff
+
+    saved = [json.loads((r / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())["config"]
+             for r in (eager, comp)]
+    assert saved[0]["compile"] is False and saved[1]["compile"] is True and saved[1]["adamw_impl"] == "fused"
+    assert config_diff(saved[0], {**saved[1], "run_dir": saved[0]["run_dir"]}) == []
 
 
 @pytest.mark.slow

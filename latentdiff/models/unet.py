@@ -168,6 +168,15 @@ class UNet(DenoiserNetMixin, nn.Module):
             num_class_embeds=c.num_classes + 1 if c.num_classes > 0 else None,
         )
         self.set_grad_checkpointing(c.grad_checkpointing)
+        self.channels_last = False  # a way to run, not part of the config (exports do not record it)
+
+    def set_channels_last(self, enabled: bool = True) -> None:
+        """Convolution weights and inputs in channels-last memory format (NHWC strides; same values).
+
+        The inputs are what matters: a convolution runs channels-last when its input is, so this holds
+        also after DeepSpeed's ZeRO-1/2 flattening has given the weights standard strides again."""
+        self.channels_last = bool(enabled)
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         if enabled:
@@ -186,4 +195,6 @@ class UNet(DenoiserNetMixin, nn.Module):
         self._check_labels(x, labels)
         tdtype = torch.float64 if c_noise.dtype == torch.float64 else torch.float32
         t = c.time_scale * c_noise.to(tdtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x, t, class_labels=labels, return_dict=False)[0]

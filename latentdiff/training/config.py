@@ -29,6 +29,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESUME_MODES = ("auto", "never", "must")
 VERIFY_MODES = ("sample", "sha256", "size", "none")
 SNAPSHOT_DTYPES = ("fp16", "fp32")
+ADAMW_IMPLS = ("auto", "fused", "default")
+CONV_MODELS = ("unet", "unet-tiny")  # the models channels_last applies to
 
 
 def _opt(default, help: str):
@@ -84,6 +86,12 @@ class TrainConfig:
     eps: float = _opt(1e-8, "AdamW epsilon")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     grad_clip: float = _opt(1.0, "gradient norm clipping (0 disables)")
+    adamw_impl: str = _opt("auto", "AdamW kernels: auto (fused on an accelerator torch has fused AdamW for, e.g. "
+                                   "CUDA; torch's default elsewhere) | fused (also on CPU) | default")
+    compile: bool = _opt(False, "torch.compile the denoiser (in place: parameter names, checkpoints and exports "
+                                "unchanged); the first steps compile; on CPU it needs a C++ compiler")
+    channels_last: bool = _opt(False, "U-Net only: run the convolutions in channels-last memory format (tensor "
+                                      "cores on GPUs prefer it)")
     micro_batch: int = _opt(32, "samples per rank per micro-step")
     grad_accum: int = _opt(1, "micro-steps accumulated per optimizer step")
     global_batch: int = _opt(0, "samples per optimizer step; 0 = micro_batch x grad_accum x world size, "
@@ -102,7 +110,10 @@ class TrainConfig:
     checkpoint_every: int = _opt(1000, "optimizer steps between checkpoints")
     keep_last: int = _opt(3, "most recent checkpoints kept")
     keep_every: int = _opt(0, "also keep every checkpoint whose step is a multiple of this (0 = none)")
-    log_every: int = _opt(50, "optimizer steps between tensorboard scalars")
+    log_every: int = _opt(50, "optimizer steps between tensorboard scalars (the statistics stay on the device "
+                                "in between and are reduced over ranks only then)")
+    stop_check_every: int = _opt(10, "optimizer steps between the ranks' agreement on a stop signal (SIGTERM/"
+                                     "SIGUSR1): a signal is acted on within this many steps (1 = every step)")
     sample_every: int = _opt(0, "tensorboard sample grid every K optimizer steps (0 = off)")
     sample_count: int = _opt(16, "images in the tensorboard sample grid")
     sample_nfe: int = _opt(35, "denoiser evaluations per sample-grid image")
@@ -145,13 +156,16 @@ class TrainConfig:
             e.append(f"dataset: {self.dataset}/dataset.json not found; encode first with tools/encode_latents.py")
         for name, choices in (("normalization", NORMALIZATIONS), ("noise", NOISES), ("precision", PRECISIONS),
                               ("resume", RESUME_MODES), ("verify_shards", VERIFY_MODES), ("sample_solver", SAMPLERS),
-                              ("snapshot_dtype", SNAPSHOT_DTYPES)):
+                              ("snapshot_dtype", SNAPSHOT_DTYPES), ("adamw_impl", ADAMW_IMPLS)):
             if getattr(self, name) not in choices:
                 e.append(f"{name}: {getattr(self, name)!r} is not one of {choices}")
         if not isinstance(self.model_overrides, dict):
             e.append(f"model_overrides: {self.model_overrides!r} must be a mapping")
         elif self.model not in MODEL_NAMES:
             e.append(f"model: {self.model!r} is not one of {', '.join(MODEL_NAMES)}")
+        if self.channels_last and self.model not in CONV_MODELS:
+            e.append(f"channels_last: applies to the convolutional models ({', '.join(CONV_MODELS)}), not {self.model!r} "
+                     "(a U-ViT is a transformer); remove it")
         return e
 
     def _check_numbers(self) -> list[str]:
@@ -174,7 +188,7 @@ class TrainConfig:
                           (("warmup_images", "max_steps", "global_batch", "keep_every", "sample_every",
                             "heldout_batch", "num_workers", "snapshot_every_images", "snapshot_keep",
                             "val_every", "eval_every"), 0),
-                          (("checkpoint_every", "keep_last", "log_every", "sample_count", "sample_nfe",
+                          (("checkpoint_every", "keep_last", "log_every", "stop_check_every", "sample_count", "sample_nfe",
                             "val_samples", "eval_samples",
                             "fp16_max_min_scale_steps"), 1)):
             for name in names:
@@ -229,7 +243,9 @@ RESUME_SAFE_FIELDS = frozenset(
         "sample_every", "sample_count", "sample_nfe", "sample_solver", "heldout_batch", "resume", "force_resume",
         "comm_timeout_minutes", "verify_shards", "fp16_max_min_scale_steps", "dataset",
         "snapshot_every_images", "snapshot_dtype", "snapshot_keep", "val_dataset", "val_samples",
-        "val_every", "eval_every", "eval_samples",
+        "val_every", "eval_every", "eval_samples", "stop_check_every",
+        # how the same arithmetic runs (kernels, memory layout): results differ by rounding only
+        "adamw_impl", "compile", "channels_last",
     }
 )
 

@@ -30,7 +30,7 @@ from latentdiff.utils.dist import is_distributed
 from latentdiff.utils.errors import TrainError
 from latentdiff.utils.safe_load import load_safetensors, open_safetensors
 
-__all__ = ["EMA", "PowerEMA", "consolidate", "is_zero3_param"]
+__all__ = ["EMA", "PowerEMA", "consolidate", "is_zero3_param", "update_averages"]
 
 
 def is_zero3_param(p: torch.nn.Parameter) -> bool:
@@ -61,11 +61,16 @@ class EMA:
     def _source(self, p: torch.nn.Parameter) -> torch.Tensor:
         return p.ds_tensor if self.zero3 else p.data
 
-    @torch.no_grad()
+    def current(self) -> list[torch.Tensor]:
+        """This rank's fp32 view of the weights the averages follow (the local partition under ZeRO-3)."""
+        return [self._source(p).float() for p in self.params]
+
+    def weights(self) -> dict[float, float]:
+        """The lerp weight ``1 - rate`` of every rate for this step."""
+        return {r: 1.0 - r for r in self.rates}
+
     def update(self) -> None:
-        cur = [self._source(p).float() for p in self.params]
-        for r, sh in self.shadow.items():
-            torch._foreach_lerp_(sh, cur, 1.0 - r)
+        update_averages([self], [self.weights()])
 
     # persistence --------------------------------------------------------------------------------
     def _file(self, directory: Path, rank: int) -> Path:
@@ -145,11 +150,36 @@ class PowerEMA(EMA):
         super().__init__(module, sigma_rels)
         self.gammas = {s: sigma_rel_to_gamma(s) for s in self.rates}
 
-    @torch.no_grad()
+    def weights(self, t: int, dt: int) -> dict[float, float]:  # type: ignore[override]
+        """The lerp weight ``1 - beta`` of every σ_rel for the step that brings the image count to ``t``."""
+        return {s: 1.0 - power_beta(self.gammas[s], float(t), float(dt)) for s in self.rates}
+
     def update(self, t: int, dt: int) -> None:  # type: ignore[override]
-        cur = [self._source(p).float() for p in self.params]
-        for s, sh in self.shadow.items():
-            torch._foreach_lerp_(sh, cur, 1.0 - power_beta(self.gammas[s], float(t), float(dt)))
+        update_averages([self], [self.weights(t, dt)])
+
+
+@torch.no_grad()
+def update_averages(averages: list[EMA], weights: list[dict[float, float]]) -> None:
+    """``shadow <- shadow + w (theta - shadow)`` (= ``rate * shadow + (1 - rate) * theta`` with
+    ``w = 1 - rate``) for every shadow of every average, in one ``torch._foreach_lerp_`` call.
+
+    ``averages`` follow the same parameters (the trainer's EMA and power EMA): the fp32 view of the
+    weights is made once (a copy only under bf16/fp16) and, under ZeRO-3, is this rank's partition, so
+    the update never communicates.  ``weights[i]`` maps each rate of ``averages[i]`` to its ``w``.
+    """
+    if not averages:
+        return
+    cur = averages[0].current()
+    dst, src, w = [], [], []
+    for avg, ws in zip(averages, weights):
+        if len(avg.params) != len(cur) or any(a is not b for a, b in zip(avg.params, averages[0].params)):
+            raise ValueError("update_averages: the averages follow different parameters")
+        for r, sh in avg.shadow.items():
+            dst += sh
+            src += cur
+            w += [ws[r]] * len(sh)
+    if dst:
+        torch._foreach_lerp_(dst, src, w)
 
 
 def consolidate(directory: str | Path, stem: str = EMA.STEM) -> dict[float, dict[str, torch.Tensor]]:

@@ -18,7 +18,7 @@ from latentdiff.utils.dist import is_distributed
 from latentdiff.utils.errors import ConfigError, TrainError
 
 __all__ = ["build_ds_config", "ds_precision", "check_precision_supported", "build_engine", "warmup_steps_for",
-           "LossScaleWatch"]
+           "LossScaleWatch", "use_fused_adamw"]
 
 
 def build_ds_config(cfg: TrainConfig, base: dict | None, world_size: int) -> dict:
@@ -91,13 +91,31 @@ def check_precision_supported(ds: dict) -> None:
         )
 
 
-def build_engine(denoiser: torch.nn.Module, cfg: TrainConfig, ds_config: dict, warmup_steps: int):
-    """``(engine, optimizer, lr_scheduler)``: AdamW over the trainable parameters, a linear warmup over
-    ``warmup_steps`` optimizer steps, wrapped by ``deepspeed.initialize``."""
+def use_fused_adamw(impl: str, device_type: str) -> bool:
+    """``adamw_impl`` -> whether torch's fused AdamW kernels run the step.
+
+    ``auto``: fused on an accelerator (not the CPU) whose torch build has them (CUDA, XPU, ...), where
+    they replace the per-parameter loop with a few multi-tensor kernels; torch's default on the CPU.
+    ``fused``: fused wherever torch has them, the CPU included (an error naming the device otherwise).
+    ``default``: torch's default (foreach kernels on CUDA, a loop on the CPU)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    supported = device_type in _get_fused_kernels_supported_devices()
+    if impl == "fused" and not supported:
+        raise ConfigError(f"adamw_impl fused: this torch has no fused AdamW for {device_type!r} devices; "
+                          "use adamw_impl auto or default")
+    return impl == "fused" or (impl == "auto" and supported and device_type != "cpu")
+
+
+def build_engine(denoiser: torch.nn.Module, cfg: TrainConfig, ds_config: dict, warmup_steps: int,
+                 device_type: str = "cpu"):
+    """``(engine, optimizer, lr_scheduler)``: AdamW over the trainable parameters (fused kernels as
+    :func:`use_fused_adamw` says), a linear warmup over ``warmup_steps`` optimizer steps, wrapped by
+    ``deepspeed.initialize``; the module compiled in place when ``cfg.compile``."""
     check_precision_supported(ds_config)
     opt = torch.optim.AdamW(
         [p for p in denoiser.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.betas),
-        eps=cfg.eps, weight_decay=cfg.weight_decay,
+        eps=cfg.eps, weight_decay=cfg.weight_decay, fused=use_fused_adamw(cfg.adamw_impl, device_type) or None,
     )
     warm = warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
@@ -105,6 +123,8 @@ def build_engine(denoiser: torch.nn.Module, cfg: TrainConfig, ds_config: dict, w
         model=denoiser, optimizer=opt, lr_scheduler=sched, config=ds_config,
         dist_init_required=not is_distributed(),
     )
+    if cfg.compile:  # DeepSpeed's own entry point: module.compile() (in place) with its backend and hooks
+        engine.compile()
     return engine, optimizer, lr_scheduler
 
 

@@ -23,38 +23,53 @@ SIGMA_BIN_EDGES = torch.logspace(math.log10(0.002), math.log10(80.0), NUM_BINS +
 
 
 def sigma_bin(sigma: torch.Tensor) -> torch.Tensor:
-    """Bin index 0..NUM_BINS-1 of each sigma."""
-    idx = torch.bucketize(sigma.detach().double().cpu(), SIGMA_BIN_EDGES[1:-1])
+    """Bin index 0..NUM_BINS-1 of each sigma (on the sigmas' device)."""
+    idx = torch.bucketize(sigma.detach().double(), SIGMA_BIN_EDGES[1:-1].to(sigma.device))
     return idx.clamp_(0, NUM_BINS - 1)
 
 
 class StepMetrics:
-    """Sums over the micro-batches of one logging window on this rank: loss, count, per-bin sums."""
+    """Sums over the micro-batches of one logging window on this rank: loss, count, per-bin sums.
 
-    def __init__(self):
+    Everything stays on ``device``: one float64 buffer ``[loss_sum, count, bin_sum x NUM_BINS,
+    bin_count x NUM_BINS]`` and the list of the window's sigma tensors.  :meth:`add` never waits for
+    the device (no ``.item()``, no copy to the host); the values reach the host once per window, at
+    log time (:func:`reduce_metrics`).  The arithmetic is the float64 of the host version, bit for bit.
+    """
+
+    def __init__(self, device=None):
+        self.device = torch.device(device if device is not None else "cpu")
+        self._edges = SIGMA_BIN_EDGES[1:-1].to(self.device)
         self.reset()
 
     def reset(self):
-        self.loss_sum = 0.0
-        self.count = 0
-        self.bin_sum = torch.zeros(NUM_BINS, dtype=torch.float64)
-        self.bin_count = torch.zeros(NUM_BINS, dtype=torch.float64)
+        self.buf = torch.zeros(2 + 2 * NUM_BINS, dtype=torch.float64, device=self.device)
+        self.count = 0  # samples in the window (host-side: shapes only, no sync)
         self.sigmas: list[torch.Tensor] = []
 
     def add(self, loss_per_sample: torch.Tensor, sigma: torch.Tensor) -> None:
-        loss = loss_per_sample.detach().double().cpu()
-        self.loss_sum += float(loss.sum())
+        loss = loss_per_sample.detach().to(self.device, torch.float64).reshape(-1)
+        sig = sigma.detach().to(self.device, torch.float64).reshape(-1)
+        b = torch.bucketize(sig, self._edges).clamp_(0, NUM_BINS - 1)
+        self.buf[0] += loss.sum()
+        self.buf[1] += loss.numel()
+        self.buf[2 : 2 + NUM_BINS].index_add_(0, b, loss)
+        self.buf[2 + NUM_BINS :].index_add_(0, b, torch.ones_like(loss))
         self.count += loss.numel()
-        b = sigma_bin(sigma)
-        self.bin_sum.index_add_(0, b, loss)
-        self.bin_count.index_add_(0, b, torch.ones_like(loss))
-        self.sigmas.append(sigma.detach().double().cpu())
+        self.sigmas.append(sig)
+
+    @property
+    def loss_sum(self) -> float:
+        """This rank's loss sum of the window (a host sync: log time and tests only)."""
+        return float(self.buf[0])
 
     def packed(self) -> torch.Tensor:
-        return torch.cat([torch.tensor([self.loss_sum, float(self.count)], dtype=torch.float64), self.bin_sum, self.bin_count])
+        """The buffer (on the device), ready for one all-reduce."""
+        return self.buf.clone()
 
     @staticmethod
     def unpack(buf: torch.Tensor) -> dict:
+        buf = buf.cpu()
         loss_sum, count = float(buf[0]), float(buf[1])
         bs, bc = buf[2 : 2 + NUM_BINS], buf[2 + NUM_BINS : 2 + 2 * NUM_BINS]
         return {
@@ -99,20 +114,21 @@ class TBWriter:
 
 
 def reduce_metrics(metrics: StepMetrics, device, world: int) -> tuple[dict, torch.Tensor]:
-    """The window's metrics summed over ranks (a collective) and every rank's sigmas (for the histogram).
+    """The window's metrics summed over ranks (one all-reduce of the device buffer) and every rank's
+    sigmas (one all-gather, for the histogram); the host sees them here, once per window (a collective).
 
     Every rank holds the same number of sigmas (same micro-batch size and steps), so they all-gather.
     """
     buf = metrics.packed().to(device)
     if is_distributed() and world > 1:
         dist.all_reduce(buf)
-    m = StepMetrics.unpack(buf.cpu())
-    sig = torch.cat(metrics.sigmas) if metrics.sigmas else torch.empty(0)
-    if world > 1:
+    m = StepMetrics.unpack(buf)
+    sig = torch.cat(metrics.sigmas).to(device) if metrics.sigmas else torch.empty(0, dtype=torch.float64, device=device)
+    if is_distributed() and world > 1:
         parts = [torch.empty_like(sig) for _ in range(world)]
-        dist.all_gather(parts, sig.to(device) if device.type != "cpu" else sig)
-        sig = torch.cat([p.cpu() for p in parts])
-    return m, sig
+        dist.all_gather(parts, sig)
+        sig = torch.cat(parts)
+    return m, sig.cpu()
 
 
 def write_step_scalars(tb: TBWriter, step: int, m: dict, sigmas: torch.Tensor, scalars: dict) -> None:

@@ -27,10 +27,11 @@ from latentdiff.training import evaluation, validation
 from latentdiff.training.quality import QualityEval
 from latentdiff.training.checkpoint import find_latest, save_checkpoint
 from latentdiff.training.config import TrainConfig
-from latentdiff.training.ema import EMA, PowerEMA
+from latentdiff.training.ema import EMA, PowerEMA, update_averages
 from latentdiff.training.engine import LossScaleWatch, build_ds_config, build_engine, ds_precision, warmup_steps_for
 from latentdiff.training.preview import SamplePreview
 from latentdiff.training.resume import check_resume
+from latentdiff.training.runtime import core_budget_note, usable_cores
 from latentdiff.training.schedule import resolve_schedule
 from latentdiff.training.signals import agree_stop, fault
 from latentdiff.training.snapshots import SNAPSHOT_DIR, snapshot_due, write_snapshot
@@ -42,7 +43,9 @@ from latentdiff.utils.io import atomic_write_json
 from latentdiff.utils.safe_load import safe_torch_load_scope
 from latentdiff.utils.seeds import step_seed
 
-__all__ = ["Trainer", "log_above_bar"]
+__all__ = ["Trainer", "log_above_bar", "PREFETCH"]
+
+PREFETCH = 2  # batches each loader worker prepares ahead (DataLoader prefetch_factor)
 
 
 def log_above_bar(log, msg: str) -> None:
@@ -72,21 +75,7 @@ class Trainer:
         self.total_steps = cfg.total_steps(self.world)
         self.warmup_steps = warmup_steps_for(cfg, self.global_batch)
 
-        # model + engine ---------------------------------------------------------------------------
-        c, h, _ = self.sample_shape
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
-        net = build_model(cfg.model, in_channels=c, resolution=h, num_classes=self.num_classes, **cfg.model_overrides)
-        self.model_config = dict(net.config)
-        self.null_label = net.null_label if self.num_classes > 0 else None  # the model's null class (CFG)
-        self.ds_config = build_ds_config(cfg, ds_config, self.world)
-        self.precision = ds_precision(self.ds_config)
-        self.engine, self.optimizer, self.lr_scheduler = build_engine(
-            EDMPrecond(net, sigma_data=self.schedule.sigma_data), cfg, self.ds_config, self.warmup_steps)
-        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.loss_scale = LossScaleWatch(self.engine, self.optimizer, self.ds_config, self.precision,
-                                         cfg.fp16_max_min_scale_steps)
-        self.ema = EMA(self.engine.module, cfg.ema_rates)
-        self.power_ema = PowerEMA(self.engine.module, cfg.power_ema_sigma_rels) if cfg.power_ema_sigma_rels else None
+        self._build_engine(ds_config)
 
         # state ------------------------------------------------------------------------------------
         self.step, self.images_seen = 0, 0
@@ -101,6 +90,9 @@ class Trainer:
             self.log(f"warning: {problem}")
         for note in self.data.notes:
             self.log(f"note: {note}")
+        cores = core_budget_note(ldist.env_local_world_size(), torch.get_num_threads(), cfg.num_workers, usable_cores())
+        if cores:
+            self.log(f"note: {cores}")
         self.resolved = cfg.to_dict()
         self.preview = SamplePreview(
             self.run_dir, self.manifest.vae, self.norm, self.sample_shape, self.num_classes,
@@ -108,6 +100,28 @@ class Trainer:
             sigma_min=self.schedule.sigma_min, sigma_max=self.schedule.sigma_max, device=self.device)
         self._bar = None
         self._quality = None
+
+    def _build_engine(self, ds_config: dict | None) -> None:
+        """The network (same initial weights on every rank and run), the DeepSpeed engine, the EMAs."""
+        cfg = self.cfg
+        c, h, _ = self.sample_shape
+        torch.manual_seed(cfg.seed)
+        net = build_model(cfg.model, in_channels=c, resolution=h, num_classes=self.num_classes, **cfg.model_overrides)
+        self.model_config = dict(net.config)
+        self.null_label = net.null_label if self.num_classes > 0 else None  # the model's null class (CFG)
+        self.ds_config = build_ds_config(cfg, ds_config, self.world)
+        self.precision = ds_precision(self.ds_config)
+        if cfg.channels_last:
+            net.set_channels_last(True)
+        self.engine, self.optimizer, self.lr_scheduler = build_engine(
+            EDMPrecond(net, sigma_data=self.schedule.sigma_data), cfg, self.ds_config, self.warmup_steps,
+            self.device.type)
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.fused_adamw = bool(getattr(self.optimizer, "optimizer", self.optimizer).defaults.get("fused"))
+        self.loss_scale = LossScaleWatch(self.engine, self.optimizer, self.ds_config, self.precision,
+                                         cfg.fp16_max_min_scale_steps)
+        self.ema = EMA(self.engine.module, cfg.ema_rates)
+        self.power_ema = PowerEMA(self.engine.module, cfg.power_ema_sigma_rels) if cfg.power_ema_sigma_rels else None
 
     # checkpoints --------------------------------------------------------------------------------
     def state(self) -> TrainerState:
@@ -161,20 +175,32 @@ class Trainer:
         return True
 
     # data ---------------------------------------------------------------------------------------
+    def _loader(self, epoch: int, start: int):
+        """An iterator over the batches of ``epoch`` from batch ``start`` (its workers start now)."""
+        self.data.set_epoch(epoch, start)
+        w = self.cfg.num_workers
+        return iter(torch.utils.data.DataLoader(self.data, batch_size=None, num_workers=w,
+                                                prefetch_factor=PREFETCH if w > 0 else None, persistent_workers=False))
+
     def _batches(self):
-        """Micro-batches forever from the current (epoch, batch_in_epoch); keeps the position current."""
+        """Micro-batches forever from the current (epoch, batch_in_epoch); keeps the position current.
+
+        With workers, the next epoch's loader starts ``PREFETCH`` batches before this epoch ends (its
+        workers fork with the next epoch's order while this epoch's workers finish), so the step does not
+        wait for worker start-up and the shuffle-buffer fill at each epoch boundary.  The order is the
+        same as starting it afterwards: it depends only on (seed, epoch, rank, worker, start batch)."""
+        ahead = None
         while True:
             if self.batch_in_epoch >= self.data.batches_per_epoch(self.epoch):
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            self.data.set_epoch(self.epoch, self.batch_in_epoch)
-            loader = torch.utils.data.DataLoader(
-                self.data, batch_size=None, num_workers=self.cfg.num_workers,
-                prefetch_factor=2 if self.cfg.num_workers > 0 else None, persistent_workers=False,
-            )
-            for batch in loader:
+            it = ahead if ahead is not None else self._loader(self.epoch, self.batch_in_epoch)
+            ahead, n = None, self.data.batches_per_epoch(self.epoch)
+            for batch in it:
                 self.batch_in_epoch += 1
+                if self.cfg.num_workers > 0 and ahead is None and self.batch_in_epoch >= n - PREFETCH:
+                    ahead = self._loader(self.epoch + 1, 0)
                 yield batch
-            del loader
+            del it
 
     def _model_batch(self, batch, g: torch.Generator):
         mean, std, labels, _ = batch
@@ -207,12 +233,14 @@ class Trainer:
             loss, sigma = edm_loss(self.engine, y, self.sigma_dist, labels, generator=g)
             self.engine.backward(loss.mean())
             self.engine.step()
-            metrics.add(loss, sigma)
-        self.ema.update()
+            metrics.add(loss, sigma)  # on the device: no host sync until log time
         self.step += 1
         self.images_seen += self.global_batch
+        averages, weights = [self.ema], [self.ema.weights()]
         if self.power_ema is not None:  # beta from the image count after this step (EDM2 Sec. 3.1)
-            self.power_ema.update(self.images_seen, self.global_batch)
+            averages.append(self.power_ema)
+            weights.append(self.power_ema.weights(self.images_seen, self.global_batch))
+        update_averages(averages, weights)  # every EMA and power EMA in one fused lerp
 
     def _maybe_snapshot(self) -> None:
         """Post-hoc EMA snapshot every ``snapshot_every_images`` and at the end of the duration (collective)."""
@@ -232,7 +260,7 @@ class Trainer:
         tb = self._start()
         heldout = self._heldout_batch() if cfg.heldout_batch else None
         val = self._validation_triples()
-        metrics, batches = StepMetrics(), self._batches()
+        metrics, batches = StepMetrics(self.device), self._batches()
         end = self.total_steps if not cfg.max_steps else min(self.total_steps, cfg.max_steps)
         self._bar = bar = tqdm(total=end, initial=self.step, disable=not self.is_main, desc="train", unit="step",
                                dynamic_ncols=True)
@@ -244,8 +272,10 @@ class Trainer:
             self._maybe_snapshot()
             img_window += self.global_batch
             fault("kill-rank", self.step, self.rank)
+            fault("signal-rank", self.step, self.rank)
             self.loss_scale.check(self.step)
-            stop = self.stop_requested = agree_stop(self.stop_requested, self.device)  # one small all-reduce
+            # every stop_check_every steps: one small all-reduce (the bound: training/signals.py)
+            stop = self.stop_requested = agree_stop(self.stop_requested, self.device, self.step, cfg.stop_check_every)
             if self.step % cfg.log_every == 0 or self.step == end:
                 last = self._log(tb, metrics, time.time() - t_window, img_window, time.time() - t0)
                 metrics.reset()
@@ -282,6 +312,8 @@ class Trainer:
             f"shape {self.sample_shape}, {self.num_classes} classes)",
             f"ranks {self.world}, ZeRO-{self.zero_stage}, {self.precision}; global batch {self.global_batch} = "
             f"{self.cfg.micro_batch} x {self.cfg.grad_accum} x {self.world}; {self.total_steps} steps",
+            f"AdamW {'fused' if self.fused_adamw else 'torch default'} kernels"
+            + (", torch.compile" if self.cfg.compile else "") + (", channels-last" if self.cfg.channels_last else ""),
             f"normalization {s.normalization.kind}, sigma_data {s.sigma_data:.4f}, "
             f"training sigma {s.sigma_dist}, sigma_max (data, alpha {s.sigma_max_rule.alpha}) {s.sigma_max:.3f}",
         ]

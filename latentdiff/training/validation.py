@@ -98,7 +98,7 @@ def validation_loss(net, triples, chunk: int) -> dict:
         loss, _ = edm_loss(net, y[sl], labels=None if lab is None else lab[sl], sigma=sigma[sl], noise=noise[sl])
         losses.append(loss.detach().double().cpu())
     loss = torch.cat(losses)
-    b = sigma_bin(sigma)
+    b = sigma_bin(sigma).cpu()
     sums = torch.zeros(NUM_BINS, dtype=torch.float64).index_add_(0, b, loss)
     counts = torch.zeros(NUM_BINS, dtype=torch.float64).index_add_(0, b, torch.ones_like(loss))
     return {"loss": float(loss.mean()), "n": int(loss.numel()),

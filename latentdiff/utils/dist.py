@@ -21,6 +21,7 @@ __all__ = [
     "env_rank",
     "env_world_size",
     "env_local_rank",
+    "env_local_world_size",
     "get_rank",
     "get_world_size",
     "is_main",
@@ -63,6 +64,16 @@ def env_world_size() -> int:
 def env_local_rank() -> int:
     _slurm_to_env()
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def env_local_world_size() -> int:
+    """Ranks on this node: ``LOCAL_WORLD_SIZE`` (torchrun), ``LOCAL_SIZE`` (deepspeed), SLURM's tasks per
+    node (``srun``), else 1."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    return int(per_node) if per_node.isdigit() and "RANK" in os.environ else 1
 
 
 def is_distributed() -> bool:
