@@ -15,6 +15,7 @@ from latentdiff.diffusion.grids import karras_sigmas
 from latentdiff.solvers.auto import auto_sample
 from latentdiff.solvers.base import CountingDenoiser, Denoise, SampleInfo
 from latentdiff.solvers.dpm import dpm_solver_pp
+from latentdiff.solvers.multistep import deis_sampler, ipndm_sampler, unipc_sampler
 from latentdiff.solvers.nfe_guided import H_TAU, hybrid_sampler, plan_nfe
 from latentdiff.solvers.runge_kutta import heun_sampler, rk_sampler, stochastic_sampler
 
@@ -59,6 +60,11 @@ SOLVERS: dict[str, Solver] = {s.name: s for s in (
            frozenset({"is_midpoint", "num_ode3", "placement"})),
     Solver("nfe-guided", "plans steps and methods for an NFE budget (wsnr.txt Alg. 1)", ("nfe",),
            frozenset({"h_tau", "placement"})),
+    Solver("ipndm", "iPNDM: 4th-order Adams-Bashforth on the slope, lower orders as warm start", ("nfe", "steps"), cost=1),
+    Solver("unipc", "UniPC-bh2 of order 3, data prediction, corrector on every step but the last", ("nfe", "steps"),
+           cost=1),
+    Solver("deis-tab3", "DEIS-tAB: 3-node Lagrange extrapolation in VP time, integrated exactly", ("nfe", "steps"),
+           cost=1),
     Solver("dpm-2m", "multistep DPM-Solver++(2M) through diffusers on the Eq. 5 grid", ("nfe", "steps")),
     Solver("dpm-3m", "multistep DPM-Solver++(3M) through diffusers on the Eq. 5 grid", ("nfe", "steps")),
 )}
@@ -114,6 +120,9 @@ def _check_budget(spec: Solver, nfe, steps) -> None:
         raise ValueError(f"sampler {spec.name!r} takes {other}=, not {given}={nfe if given == 'nfe' else steps}{hint}")
 
 
+_MULTISTEP = {"ipndm": ipndm_sampler, "unipc": unipc_sampler, "deis-tab3": deis_sampler}
+
+
 def _fixed_grid(spec, counter, noise, nfe, steps, sigma_min, sigma_max, rho, options):
     """Fixed methods, hybrid and nfe-guided: one Eq. 5 grid for every image."""
     plan = None
@@ -131,6 +140,8 @@ def _fixed_grid(spec, counter, noise, nfe, steps, sigma_min, sigma_max, rho, opt
         x = heun_sampler(counter, x, sigmas)
     elif spec.name == "edm-stochastic":
         x = stochastic_sampler(counter, x, sigmas, **options)
+    elif spec.name in _MULTISTEP:
+        x = _MULTISTEP[spec.name](counter, x, sigmas)
     else:  # hybrid / nfe-guided
         x = hybrid_sampler(counter, x, sigmas, **options)
     return x, [float(s) for s in sigmas], plan
