@@ -59,25 +59,25 @@ def _final(denoise, x: torch.Tensor, sigma_min: float) -> torch.Tensor:
     return eval_at(denoise, x, sigma_min)
 
 
-def ipndm_states(denoise, x: torch.Tensor, sigmas, *, max_order: int = 4) -> list[torch.Tensor]:
-    """The iPNDM states at every positive level (``len = N``; N - 1 evaluations), float dtype of x."""
+def ipndm_states(denoise, x: torch.Tensor, sigmas, *, max_order: int = 4) -> tuple[list, list]:
+    """iPNDM's trajectory: the states at every positive level (N of them) and the slopes
+    d_i = (x_i - D(x_i; sigma_i)) / sigma_i at the first N - 1 (one evaluation each), dtype of x."""
     if not 1 <= max_order <= 4:
         raise ValueError(f"iPNDM max_order must be in 1..4, got {max_order}")
     sig = _levels(sigmas)
     states, slopes = [x], []
     for i in range(len(sig) - 1):
-        d = (x - eval_at(denoise, x, sig[i])) / sig[i]
-        slopes = ([d] + slopes)[:max_order]
-        w = IPNDM_COEFFS[len(slopes)]
-        x = x + (sig[i + 1] - sig[i]) * sum(c * s for c, s in zip(w, slopes))
+        slopes.append((x - eval_at(denoise, x, sig[i])) / sig[i])
+        recent = slopes[::-1][:max_order]
+        x = x + (sig[i + 1] - sig[i]) * sum(c * d for c, d in zip(IPNDM_COEFFS[len(recent)], recent))
         states.append(x)
-    return states
+    return states, slopes
 
 
 def ipndm_sampler(denoise, x: torch.Tensor, sigmas, *, max_order: int = 4) -> torch.Tensor:
     """iPNDM down the grid, then the Euler step to 0 (module docstring); N levels = N evaluations."""
     sig = _levels(sigmas)
-    return _final(denoise, ipndm_states(denoise, x, sig, max_order=max_order)[-1], sig[-1])
+    return _final(denoise, ipndm_states(denoise, x, sig, max_order=max_order)[0][-1], sig[-1])
 
 
 def vp_time_fit(sigma_min: float, sigma_max: float, eps_s: float = 1e-3) -> tuple[float, float]:
