@@ -741,3 +741,22 @@ def test_resume_with_other_kernel_settings_warns_and_another_shape_is_refused(tm
     error, _ = _compare(tmp_path, old, {**old, "micro_batch": 4})
     assert error and "micro_batch: 8 -> 4" in error
     assert _compare(tmp_path, old, dict(old)) == (None, [])
+
+
+def test_schedule_flag_gits_cached_beside_the_export(real_export, tmp_path):
+    """--schedule gits: the table is computed once into EXPORT/gits/, reused by the next run, recorded;
+    --schedule log-uniform lands in solver_kwargs; auto refuses a schedule."""
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(real_export, export)
+    flags = ["--solver", "ipndm", "--schedule", "gits", "--gits-warmup", 4, "--gits-fine", 9, "--nfe", 5, "--seeds", "0-1"]
+    r1 = sample_cli(export, tmp_path / "a", *flags)
+    r2 = sample_cli(export, tmp_path / "b", *flags)
+    assert r1["solver_kwargs"] == {"schedule": "gits"} and not r1["gits"]["cached"] and r2["gits"]["cached"]
+    assert r1["gits"]["file"] == r2["gits"]["file"] and r1["gits"]["file"].startswith(str(export / "gits"))
+    assert r1["sigma_grid"] == r2["sigma_grid"] and len(r1["sigma_grid"]) == 6 and r1["nfe_used"] == 5
+    assert r1["gits"]["key"]["gits"]["warmup"] == 4
+    r3 = sample_cli(export, tmp_path / "c", "--solver", "unipc", "--schedule", "log-uniform", "--nfe", 5, "--seeds", "0")
+    assert r3["solver_kwargs"] == {"schedule": "log-uniform"} and r3["gits"] is None
+    sample_cli(export, tmp_path / "d", "--solver", "auto", "--schedule", "karras", "--seeds", "0", expect=2)

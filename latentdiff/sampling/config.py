@@ -15,7 +15,7 @@ __all__ = ["SampleConfig", "SOLVER_FLAGS", "MAX_NFE"]
 MAX_NFE = 10_000
 
 # config field -> the sampler option it sets (``latentdiff.solvers.registry.SOLVERS[...].options``)
-SOLVER_FLAGS = {"placement": "placement", "h_tau": "h_tau", "num_ode3": "num_ode3", "midpoint": "is_midpoint",
+SOLVER_FLAGS = {"schedule": "schedule", "placement": "placement", "h_tau": "h_tau", "num_ode3": "num_ode3", "midpoint": "is_midpoint",
                 "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_noise": "s_noise"}
 
 
@@ -49,6 +49,12 @@ class SampleConfig:
         "data (the export's data-driven value), edm (80), vp (~152) or a number"))
     sigma_min: float | None = field(default=None, metadata=_help("not given: the export's sigma_min (0.002)"))
     rho: float = field(default=7.0, metadata=_help("Karras grid exponent (edm.txt Eq. 5)"))
+    schedule: str | None = field(default=None, metadata=_help(
+        "time schedule of a fixed-grid solver: karras (edm.txt Eq. 5; used when not given), log-uniform, or gits "
+        "(levels chosen from warm-up trajectories of the model, computed once and cached in EXPORT/gits/)"))
+    gits_warmup: int | None = field(default=None, metadata=_help("gits: warm-up trajectories (256 when not given)"))
+    gits_fine: int | None = field(default=None, metadata=_help(
+        "gits: levels of the fine Eq. 5 grid the levels are picked from (81 when not given; >= the NFE)"))
     placement: str | None = field(default=None, metadata=_help(
         "RK stage noise levels: log (wsnr.txt Alg. 3; used when not given) or classical"))
     h_tau: float | None = field(default=None, metadata=_help(f"nfe-guided: step-size threshold h_tau of wsnr.txt Algorithm 1 ({H_TAU} when not given)"))
@@ -94,6 +100,10 @@ class SampleConfig:
             raise SampleError(f"--sigma-min must be positive, got {self.sigma_min}")
         if self.grid < 0:
             raise SampleError("--grid must be >= 0")
+        if (self.gits_warmup is not None or self.gits_fine is not None) and self.schedule != "gits":
+            raise SampleError("--gits-warmup / --gits-fine set GITS' warm-up; they need --schedule gits")
+        if self.gits_warmup is not None and self.gits_warmup < 1 or self.gits_fine is not None and self.gits_fine < 2:
+            raise SampleError("--gits-warmup must be >= 1 and --gits-fine >= 2")
         try:
             check_options(self.solver, self.solver_options())
         except ValueError as e:  # an option the solver does not use: refused, never ignored
@@ -115,3 +125,10 @@ class SampleConfig:
             if value is not None:
                 out[option] = value
         return out
+
+    def gits_params(self):
+        """The GITS parameters (``latentdiff.solvers.schedules.GITSParams``), defaults where not given."""
+        from latentdiff.solvers.schedules import GITSParams
+
+        kw = {"warmup": self.gits_warmup, "fine_levels": self.gits_fine}
+        return GITSParams(**{k: v for k, v in kw.items() if v is not None})
