@@ -3,10 +3,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from latentdiff.sampling.config import SampleConfig
-from latentdiff.sampling.gits_cache import build_gits_table, gits_key, load_or_build_gits
+from latentdiff.sampling.gits_cache import (
+    build_gits_table,
+    gits_key,
+    load_or_build_gits,
+)
 from latentdiff.solvers.schedules import GITSParams, GITSTable
 from latentdiff.utils.errors import SampleError
 

@@ -19,7 +19,7 @@ from latentdiff.solvers.multistep import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
-from sampler_convergence import fit_order, gaussian_problem, make_gmm  # noqa: E402
+from sampler_convergence import fit_order, gaussian_problem, make_gmm
 
 PEERS = ("ipndm", "unipc", "deis-tab3")
 

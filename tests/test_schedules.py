@@ -9,7 +9,13 @@ import torch
 from latentdiff.diffusion.grids import karras_sigmas, loguniform_sigmas
 from latentdiff.solvers import CountingDenoiser, sample
 from latentdiff.solvers.dpm import dpm_solver_pp
-from latentdiff.solvers.schedules import GITSTable, gits_cost_matrix, gits_path, path_cost, schedule_sigmas
+from latentdiff.solvers.schedules import (
+    GITSTable,
+    gits_cost_matrix,
+    gits_path,
+    path_cost,
+    schedule_sigmas,
+)
 
 
 def gauss(x, sigma):

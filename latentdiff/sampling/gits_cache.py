@@ -25,7 +25,7 @@ from latentdiff.solvers.schedules import GITSParams, GITSTable, gits_cost_matrix
 from latentdiff.utils.errors import SampleError
 from latentdiff.utils.io import atomic_write_text
 
-__all__ = ["GITS_FORMAT", "gits_key", "load_or_build_gits", "build_gits_table"]
+__all__ = ["GITS_FORMAT", "build_gits_table", "gits_key", "load_or_build_gits"]
 
 GITS_FORMAT = "latentdiff-gits/1"
 

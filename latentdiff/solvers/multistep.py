@@ -35,8 +35,16 @@ import torch
 
 from latentdiff.solvers.base import eval_at
 
-__all__ = ["IPNDM_COEFFS", "ipndm_sampler", "ipndm_states", "deis_coefficients", "deis_sampler",
-           "unipc_coefficients", "unipc_sampler", "vp_time_fit"]
+__all__ = [
+    "IPNDM_COEFFS",
+    "deis_coefficients",
+    "deis_sampler",
+    "ipndm_sampler",
+    "ipndm_states",
+    "unipc_coefficients",
+    "unipc_sampler",
+    "vp_time_fit",
+]
 
 # Adams-Bashforth weights on (d_i, d_{i-1}, ...) for constant steps, orders 1-4
 IPNDM_COEFFS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}

@@ -31,8 +31,16 @@ import torch
 from latentdiff.diffusion.grids import karras_sigmas, loguniform_sigmas
 from latentdiff.solvers.multistep import ipndm_states
 
-__all__ = ["SCHEDULES", "DEFAULT_SCHEDULE", "GITSParams", "GITSTable", "gits_cost_matrix", "gits_path",
-           "path_cost", "schedule_sigmas"]
+__all__ = [
+    "DEFAULT_SCHEDULE",
+    "SCHEDULES",
+    "GITSParams",
+    "GITSTable",
+    "gits_cost_matrix",
+    "gits_path",
+    "path_cost",
+    "schedule_sigmas",
+]
 
 SCHEDULES = ("karras", "log-uniform", "gits")
 DEFAULT_SCHEDULE = "karras"
