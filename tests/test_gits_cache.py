@@ -84,3 +84,18 @@ def test_config_refuses_gits_flags_without_gits():
     assert SampleConfig(**base, solver="ipndm", schedule="gits", gits_fine=41).gits_params().fine_levels == 41
     assert SampleConfig(**base, solver="unipc", schedule="log-uniform").validate().solver_options() == {
         "schedule": "log-uniform"}
+
+
+def test_cli_default_is_the_benchmark_pair_and_sample_keeps_auto():
+    """latentdiff-sample's default pair comes from the trained-network benchmark; sample()'s stays auto
+    (its ideal-denoiser results are what tests/test_auto_sampler.py checks)."""
+    from latentdiff.sampling.config import CLI_DEFAULT_SCHEDULE, CLI_DEFAULT_SOLVER
+    from latentdiff.solvers.registry import DEFAULT_SAMPLER, SOLVERS
+
+    cfg = SampleConfig(export="E", out="O").validate()
+    assert cfg.solver == CLI_DEFAULT_SOLVER != DEFAULT_SAMPLER == "auto"
+    assert "schedule" in SOLVERS[CLI_DEFAULT_SOLVER].options
+    want = {} if CLI_DEFAULT_SCHEDULE == "karras" else {"schedule": CLI_DEFAULT_SCHEDULE}
+    assert cfg.solver_options() == want
+    assert SampleConfig(export="E", out="O", solver="heun").solver_options() == {}  # other solvers: Karras
+    assert SampleConfig(export="E", out="O", schedule="log-uniform").solver_options() == {"schedule": "log-uniform"}
