@@ -14,7 +14,7 @@ __all__ = ["SampleConfig", "SOLVER_FLAGS", "MAX_NFE", "CLI_DEFAULT_SOLVER", "CLI
 # (tools/bench/trained/, README "Samplers"), not ``sample()``'s default (``auto``, best on the ideal
 # denoiser).  --schedule not given: the default solver gets CLI_DEFAULT_SCHEDULE, any other Karras.
 CLI_DEFAULT_SOLVER = "ipndm"
-CLI_DEFAULT_SCHEDULE = "log-uniform"
+CLI_DEFAULT_SCHEDULE = "karras"
 
 # the largest --nfe / --steps accepted: 10x the converged references of tools/bench (256 Ode3 steps use
 # 768 evaluations) and ~30x the paper's largest budget; above it a run would take days per image batch
