@@ -192,7 +192,8 @@ def test_first_step_is_the_eq5_first_step(nfe):
 
 def test_sample_dispatches_auto_and_auto_is_the_default():
     """sample(method="auto") runs auto_sample (same result, exact budget); auto is the default of
-    sample() and of the sampling CLI (issue 5), and the paper-exact nfe-guided stays available."""
+    sample() (issue 5; the CLI default follows the trained-network benchmark, issue 18), and the paper-exact
+    nfe-guided stays available."""
     from latentdiff.solvers.registry import DEFAULT_SAMPLER as DEFAULT_SOLVER
     from latentdiff.solvers import DEFAULT_SAMPLER
 

@@ -685,15 +685,22 @@ def test_sampler_study_and_overhead_tools(real_export, tmp_path):
     assert all(0.5 < r["ratio_cpu"]["median"] < 2.0 for r in res["overhead"])
     assert res["pipeline"]["images"] == 6 and res["pipeline"]["images_per_second_loop"] > 0
     assert "goal <= 1.03" in p.stdout
-    # issue 5, item 3: every solver against a long-run reference on the trained model
+    # issues 5 and 18: every solver x schedule against a converged float64 reference on the trained model
     out = tmp_path / "trained"
-    _run(["tools/bench/sampler_trained.py", "--export", real_export, "--samples", 3, "--ref-steps", 24, "--nfe", 7, 13, 25,
-          "--solvers", "EDM Heun", "DPM-Solver++ 2M", "--float64", "--out", out])
-    res = json.loads((out / "results.json").read_text())
-    heun = res["methods"]["EDM Heun"]
-    assert res["reference"]["rms_vs_half_steps"] < 0.1 * heun["error"][0] and res["setup"]["dtype"] == "float64"
-    assert heun["used"] == [7, 13, 25] and heun["error"][2] < heun["error"][0]  # converges towards the reference
-    assert math.isfinite(heun["order"]) and "| EDM Heun |" in (out / "table.md").read_text()
+    cmd = ["tools/bench/sampler_trained.py", "--export", real_export, "--name", "net", "--samples", 3, "--noise-seeds", 0, 1,
+           "--ref-steps", 48, "--nfe", 5, 13, "--solvers", "heun", "ipndm", "--schedules", "karras", "gits",
+           "--gits-warmup", 4, "--gits-fine", 14, "--out", out]
+    _run(cmd)
+    res = json.loads((out / "net" / "results.json").read_text())
+    ipndm = res["summary"]["ipndm / gits"]["rms"]
+    assert set(res["summary"]) == {"heun / karras", "heun / gits", "ipndm / karras", "ipndm / gits"}
+    assert ipndm["13"][0] < ipndm["5"][0] and ipndm["13"][2] == 2  # converges towards the reference; two seeds
+    assert all(r["rms_vs_half_steps"] < 0.5 * ipndm["5"][0] for r in res["references"].values())
+    assert "| ipndm / gits |" in (out / "net" / "table.md").read_text() and (out / "net" / "error_vs_nfe.png").exists()
+    lines = (out / "net" / "cells.jsonl").read_text().splitlines()
+    assert len(lines) == 16
+    p = _run(cmd)  # resumable: finished cells are skipped
+    assert (out / "net" / "cells.jsonl").read_text().splitlines() == lines and "rms" not in p.stdout
 
 
 def test_record_reads_the_decode_settings_from_the_autoencoder(real_export, tmp_path, monkeypatch):
@@ -741,3 +748,22 @@ def test_resume_with_other_kernel_settings_warns_and_another_shape_is_refused(tm
     error, _ = _compare(tmp_path, old, {**old, "micro_batch": 4})
     assert error and "micro_batch: 8 -> 4" in error
     assert _compare(tmp_path, old, dict(old)) == (None, [])
+
+
+def test_schedule_flag_gits_cached_beside_the_export(real_export, tmp_path):
+    """--schedule gits: the table is computed once into EXPORT/gits/, reused by the next run, recorded;
+    --schedule log-uniform lands in solver_kwargs; auto refuses a schedule."""
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(real_export, export)
+    flags = ["--solver", "ipndm", "--schedule", "gits", "--gits-warmup", 4, "--gits-fine", 9, "--nfe", 5, "--seeds", "0-1"]
+    r1 = sample_cli(export, tmp_path / "a", *flags)
+    r2 = sample_cli(export, tmp_path / "b", *flags)
+    assert r1["solver_kwargs"] == {"schedule": "gits"} and not r1["gits"]["cached"] and r2["gits"]["cached"]
+    assert r1["gits"]["file"] == r2["gits"]["file"] and r1["gits"]["file"].startswith(str(export / "gits"))
+    assert r1["sigma_grid"] == r2["sigma_grid"] and len(r1["sigma_grid"]) == 6 and r1["nfe_used"] == 5
+    assert r1["gits"]["key"]["gits"]["warmup"] == 4
+    r3 = sample_cli(export, tmp_path / "c", "--solver", "unipc", "--schedule", "log-uniform", "--nfe", 5, "--seeds", "0")
+    assert r3["solver_kwargs"] == {"schedule": "log-uniform"} and r3["gits"] is None
+    sample_cli(export, tmp_path / "d", "--solver", "auto", "--schedule", "karras", "--seeds", "0", expect=2)

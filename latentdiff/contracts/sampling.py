@@ -73,6 +73,7 @@ class SamplingRecord:
     images_per_second: float | None = None
     files: dict = field(default_factory=dict)
     scheduler: dict | None = None
+    gits: dict | None = None  # --schedule gits: the cache file, its key and whether it was reused
 
     @property
     def num_images(self) -> int:

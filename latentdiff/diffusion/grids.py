@@ -1,4 +1,5 @@
-"""Noise-level grids: the VP and iDDPM schedules of edm.txt Table 1 and the sampling grid of Eq. 5.
+"""Noise-level grids: the VP and iDDPM schedules of edm.txt Table 1, the sampling grid of Eq. 5 and the
+log-uniform grid (uniform in lambda = -log sigma, i.e. in log-SNR; Eq. 5's limit rho -> infinity).
 
 Every function returns float64 sigmas (not log-sigmas).
 """
@@ -8,7 +9,8 @@ import math
 
 import torch
 
-__all__ = ["EDM_SIGMA_MIN", "EDM_SIGMA_MAX", "VP_SIGMA_MAX", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "karras_sigmas"]
+__all__ = ["EDM_SIGMA_MIN", "EDM_SIGMA_MAX", "VP_SIGMA_MAX", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "karras_sigmas",
+           "loguniform_sigmas"]
 
 EDM_SIGMA_MIN = 0.002  # edm.txt Table 1, "Ours"
 EDM_SIGMA_MAX = 80.0  # edm.txt Table 1, "Ours"
@@ -60,5 +62,22 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     i = torch.arange(steps, dtype=torch.float64)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     s = (a + i / (steps - 1) * (b - a)) ** rho
+    s[0], s[-1] = sigma_max, sigma_min
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def loguniform_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """``sigma_i = exp(log sigma_max + i/(N-1) (log sigma_min - log sigma_max))``: uniform in log sigma (the
+    limit of edm.txt Eq. 5 as rho -> infinity; DPM-Solver's "logSNR" grid), ``steps`` levels from sigma_max
+    to sigma_min (both exact) and an appended 0, float64.  ``steps == 1`` gives ``[sigma_max, 0]``."""
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps}")
+    if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    steps = int(steps)
+    if steps == 1:
+        return torch.tensor([float(sigma_max), 0.0], dtype=torch.float64)
+    i = torch.arange(steps, dtype=torch.float64)
+    s = torch.exp(math.log(sigma_max) + i / (steps - 1) * (math.log(sigma_min) - math.log(sigma_max)))
     s[0], s[-1] = sigma_max, sigma_min
     return torch.cat([s, s.new_zeros(1)])

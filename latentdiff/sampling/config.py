@@ -5,17 +5,23 @@ import math
 from dataclasses import dataclass, field
 
 from latentdiff.solvers.nfe_guided import H_TAU
-from latentdiff.solvers.registry import DEFAULT_SAMPLER, SAMPLERS, check_options
+from latentdiff.solvers.registry import SAMPLERS, check_options
 from latentdiff.utils.errors import SampleError
 
-__all__ = ["SampleConfig", "SOLVER_FLAGS", "MAX_NFE"]
+__all__ = ["SampleConfig", "SOLVER_FLAGS", "MAX_NFE", "CLI_DEFAULT_SOLVER", "CLI_DEFAULT_SCHEDULE"]
+
+# The CLI's default pair: the evidence-best solver x schedule of the trained-network benchmark
+# (tools/bench/trained/, README "Samplers"), not ``sample()``'s default (``auto``, best on the ideal
+# denoiser).  --schedule not given: the default solver gets CLI_DEFAULT_SCHEDULE, any other Karras.
+CLI_DEFAULT_SOLVER = "ipndm"
+CLI_DEFAULT_SCHEDULE = "karras"
 
 # the largest --nfe / --steps accepted: 10x the converged references of tools/bench (256 Ode3 steps use
 # 768 evaluations) and ~30x the paper's largest budget; above it a run would take days per image batch
 MAX_NFE = 10_000
 
 # config field -> the sampler option it sets (``latentdiff.solvers.registry.SOLVERS[...].options``)
-SOLVER_FLAGS = {"placement": "placement", "h_tau": "h_tau", "num_ode3": "num_ode3", "midpoint": "is_midpoint",
+SOLVER_FLAGS = {"schedule": "schedule", "placement": "placement", "h_tau": "h_tau", "num_ode3": "num_ode3", "midpoint": "is_midpoint",
                 "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_noise": "s_noise"}
 
 
@@ -40,7 +46,8 @@ class SampleConfig:
     micro_batch: int = field(default=8, metadata=_help(
         "rows of every solver run, network forward and VAE decode: the fixed kernel shapes (the images depend on "
         "it, never on --batch, --decode-batch or the number of ranks)"))
-    solver: str = field(default=DEFAULT_SAMPLER, metadata=_help(f"ODE solver: {', '.join(SAMPLERS)}"))
+    solver: str = field(default=CLI_DEFAULT_SOLVER, metadata=_help(
+        f"ODE solver: {', '.join(SAMPLERS)} (default: the trained-network benchmark's best, README 'Samplers')"))
     nfe: int = field(default=35, metadata=_help(
         f"denoiser evaluations per image (budget, never exceeded; at most {MAX_NFE})"))
     steps: int | None = field(default=None, metadata=_help(
@@ -49,6 +56,12 @@ class SampleConfig:
         "data (the export's data-driven value), edm (80), vp (~152) or a number"))
     sigma_min: float | None = field(default=None, metadata=_help("not given: the export's sigma_min (0.002)"))
     rho: float = field(default=7.0, metadata=_help("Karras grid exponent (edm.txt Eq. 5)"))
+    schedule: str | None = field(default=None, metadata=_help(
+        "time schedule of a fixed-grid solver: karras (edm.txt Eq. 5; used when not given), log-uniform, or gits "
+        "(levels chosen from warm-up trajectories of the model, computed once and cached in EXPORT/gits/)"))
+    gits_warmup: int | None = field(default=None, metadata=_help("gits: warm-up trajectories (256 when not given)"))
+    gits_fine: int | None = field(default=None, metadata=_help(
+        "gits: levels of the fine Eq. 5 grid the levels are picked from (81 when not given; >= the NFE)"))
     placement: str | None = field(default=None, metadata=_help(
         "RK stage noise levels: log (wsnr.txt Alg. 3; used when not given) or classical"))
     h_tau: float | None = field(default=None, metadata=_help(f"nfe-guided: step-size threshold h_tau of wsnr.txt Algorithm 1 ({H_TAU} when not given)"))
@@ -94,6 +107,10 @@ class SampleConfig:
             raise SampleError(f"--sigma-min must be positive, got {self.sigma_min}")
         if self.grid < 0:
             raise SampleError("--grid must be >= 0")
+        if (self.gits_warmup is not None or self.gits_fine is not None) and self.schedule != "gits":
+            raise SampleError("--gits-warmup / --gits-fine set GITS' warm-up; they need --schedule gits")
+        if self.gits_warmup is not None and self.gits_warmup < 1 or self.gits_fine is not None and self.gits_fine < 2:
+            raise SampleError("--gits-warmup must be >= 1 and --gits-fine >= 2")
         try:
             check_options(self.solver, self.solver_options())
         except ValueError as e:  # an option the solver does not use: refused, never ignored
@@ -114,4 +131,13 @@ class SampleConfig:
             value = getattr(self, name)
             if value is not None:
                 out[option] = value
+        if self.schedule is None and self.solver == CLI_DEFAULT_SOLVER and CLI_DEFAULT_SCHEDULE != "karras":
+            out["schedule"] = CLI_DEFAULT_SCHEDULE  # the default pair (karras needs no option: it is every default)
         return out
+
+    def gits_params(self):
+        """The GITS parameters (``latentdiff.solvers.schedules.GITSParams``), defaults where not given."""
+        from latentdiff.solvers.schedules import GITSParams
+
+        kw = {"warmup": self.gits_warmup, "fine_levels": self.gits_fine}
+        return GITSParams(**{k: v for k, v in kw.items() if v is not None})

@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 
 from latentdiff.sampling.config import SampleConfig
+from latentdiff.sampling.gits_cache import build_gits_table, gits_key, load_or_build_gits
 from latentdiff.sampling.options import solver_record
 from latentdiff.sampling.source import ModelSource, load_source
 from latentdiff.solvers.base import SampleInfo
 from latentdiff.solvers.generate import generate_latents
 from latentdiff.solvers.registry import FIXED_GRID_SAMPLERS
 from latentdiff.utils import dist as ldist
+from latentdiff.utils.io import sha256_file
 from latentdiff.vae.autoencoder import Autoencoder
 from latentdiff.vae.decode import decode_to_uint8, load_vae_for
 
@@ -49,10 +51,16 @@ class SampleJob:
     rank: int
     world: int
     device: object
+    gits: object | None = None  # the GITSTable of --schedule gits (its meta: cache file, key)
 
     @property
     def out(self) -> Path:
         return Path(self.cfg.out)
+
+    @property
+    def solver_kwargs(self) -> dict:
+        """The recorded options plus the GITS table the solver reads (never recorded itself)."""
+        return {**self.options, "gits": self.gits} if self.gits is not None else self.options
 
     @property
     def per_image_grid(self) -> bool:
@@ -71,7 +79,7 @@ class SampleJob:
                 src.denoiser, part, src.shape, labels=labels, num_classes=src.num_classes, method=cfg.solver,
                 **cfg.budget, sigma_min=src.sigma_min, sigma_max=src.sigma_max, rho=cfg.rho, cfg_scale=cfg.cfg,
                 guidance_interval=self.interval, null_label=src.null_label, device=self.device,
-                solver_kwargs=self.options, pad_to=self.micro,
+                solver_kwargs=self.solver_kwargs, pad_to=self.micro,
             )
             zs.append(z)
             infos.append(info)
@@ -93,6 +101,7 @@ class SampleJob:
             "solver_kwargs": self.options, "sigma_min": src.sigma_min, "sigma_max": src.sigma_max, "rho": cfg.rho,
             "cfg": cfg.cfg, "guidance_interval": list(self.interval) if self.interval else None,
             "class_label": cfg.class_label, "micro_batch": self.micro, **kernel_settings(),
+            **({"gits": self.gits.meta["key"]} if self.gits is not None else {}),
         }
 
 
@@ -101,13 +110,35 @@ def prepare_job(cfg: SampleConfig, seeds: list[int], interval) -> SampleJob:
     device = ldist.device()
     src = load_source(cfg, device)
     options = cfg.solver_options()
+    gits = _gits_table(cfg, src, interval, device) if options.get("schedule") == "gits" else None
     plan = solver_record(method=cfg.solver, **cfg.budget, sigma_min=src.sigma_min, sigma_max=src.sigma_max,
-                         rho=cfg.rho, shape=src.shape, options=options)
+                         rho=cfg.rho, shape=src.shape, options={**options, "gits": gits} if gits else options)
     ae = load_vae_for(src.vae, device, path=cfg.vae)
     down = 1 if ae.is_pixel else ae.downsampling_factor
     return SampleJob(
         cfg=cfg, seeds=seeds, interval=interval, options=options, src=src, ae=ae, plan=plan,
         img_size=(src.shape[2] * down, src.shape[1] * down), net_batch=min(cfg.batch, len(seeds)),
         dec_batch=min(cfg.decode_batch, len(seeds)), micro=cfg.micro_batch, rank=ldist.get_rank(), world=ldist.get_world_size(),
-        device=device,
+        device=device, gits=gits,
     )
+
+
+def _gits_table(cfg: SampleConfig, src, interval, device):
+    """--schedule gits: the model's GITS table from EXPORT/gits/ (or OUT/gits/), computed once when missing."""
+    params = cfg.gits_params()
+    if src.kind == "export":
+        weights_sha = sha256_file(Path(src.path) / src.weights_file)
+        dirs = [src.path, cfg.out]
+    else:
+        weights_sha, dirs = src.files_hash, [cfg.out]
+    key = gits_key(weights_sha, params, sigma_min=src.sigma_min, sigma_max=src.sigma_max, shape=list(src.shape),
+                   cfg=cfg.cfg, guidance_interval=list(interval) if interval else None, class_label=cfg.class_label,
+                   dtype="float32")
+
+    def build():
+        return build_gits_table(src.denoiser, src.shape, params, sigma_min=src.sigma_min, sigma_max=src.sigma_max,
+                                num_classes=src.num_classes, class_label=cfg.class_label, cfg_scale=cfg.cfg,
+                                guidance_interval=interval, null_label=src.null_label, device=device,
+                                batch=cfg.micro_batch)
+
+    return load_or_build_gits(dirs, key, build)

@@ -90,6 +90,7 @@ def _record(job: SampleJob, grid: dict, generated: int, elapsed: float, model_ha
         generated_this_run=generated, seconds=elapsed,
         images_per_second=generated / elapsed if generated and elapsed > 0 else None, files=_files(job),
         scheduler=src.scheduler,
+        gits=None if job.gits is None else {k: job.gits.meta.get(k) for k in ("file", "key", "cached", "seconds")},
     )
 
 

@@ -25,9 +25,14 @@ def dpm_solver_pp(
     sigma_max: float = 80.0,
     rho: float = 7.0,
     order: int = 2,
+    sigmas=None,
     return_info: bool = False,
 ):
-    """DPM-Solver++ (2M or 3M) through diffusers with ``nfe`` evaluations (one per step, the last to 0)."""
+    """DPM-Solver++ (2M or 3M) through diffusers with ``nfe`` evaluations (one per step, the last to 0).
+
+    ``sigmas``: the ``nfe`` positive levels to use instead of the scheduler's Eq. 5 grid (any schedule;
+    an appended 0 allowed): they replace the scheduler's ``sigmas`` and ``timesteps`` after
+    ``set_timesteps``, which is all its ``step`` reads (diffusers keeps them in float32)."""
     # diffusers is imported when this solver runs: it takes seconds, and every other solver needs none
     from diffusers import EDMDPMSolverMultistepScheduler
 
@@ -46,8 +51,14 @@ def dpm_solver_pp(
         final_sigmas_type="zero",
     )
     sched.set_timesteps(nfe, device=noise.device)
+    if sigmas is not None:
+        pos = torch.as_tensor([float(v) for v in sigmas if float(v) > 0], dtype=torch.float32, device=noise.device)
+        if pos.numel() != nfe:
+            raise ValueError(f"dpm_solver_pp: {pos.numel()} positive levels given for nfe={nfe}")
+        sched.timesteps = sched.precondition_noise(pos)
+        sched.sigmas = torch.cat([pos, pos.new_zeros(1)])
     counter = CountingDenoiser(denoise)
-    x = noise * float(sigma_max)
+    x = noise * float(sched.sigmas[0] if sigmas is not None else sigma_max)
     for i, t in enumerate(sched.timesteps):
         sigma = float(sched.sigmas[i])
         d = counter(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device))

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from latentdiff.diffusion.grids import karras_sigmas
 from latentdiff.solvers.auto import auto_sample
 from latentdiff.solvers.base import CountingDenoiser, Denoise, SampleInfo
 from latentdiff.solvers.dpm import dpm_solver_pp
+from latentdiff.solvers.multistep import deis_sampler, ipndm_sampler, unipc_sampler
 from latentdiff.solvers.nfe_guided import H_TAU, hybrid_sampler, plan_nfe
 from latentdiff.solvers.runge_kutta import heun_sampler, rk_sampler, stochastic_sampler
+from latentdiff.solvers.schedules import DEFAULT_SCHEDULE, schedule_sigmas
 
 __all__ = [
     "Solver",
@@ -45,22 +46,30 @@ class Solver:
     per_sample_grid: bool = False
 
 
-_CHURN = frozenset({"s_churn", "s_tmin", "s_tmax", "s_noise", "generator"})
+_SCHED = frozenset({"schedule", "gits"})  # the time schedule (solvers/schedules.py) and GITS' table
+_CHURN = frozenset({"s_churn", "s_tmin", "s_tmax", "s_noise", "generator"}) | _SCHED
 SOLVERS: dict[str, Solver] = {s.name: s for s in (
     Solver("auto", "exponential-Adams multistep on a per-image grid placed from a data-scale estimate",
            ("nfe",), per_sample_grid=True),
-    Solver("euler", "Euler steps on the Eq. 5 grid (Table 5)", ("nfe", "steps"), cost=1),
-    Solver("heun", "EDM's deterministic 2nd-order sampler (edm.txt Alg. 1)", ("nfe", "steps"), cost=2),
+    Solver("euler", "Euler steps (Table 5)", ("nfe", "steps"), _SCHED, cost=1),
+    Solver("heun", "EDM's deterministic 2nd-order sampler (edm.txt Alg. 1)", ("nfe", "steps"), _SCHED, cost=2),
     Solver("midpoint", "Midpoint steps, stages in log sigma (wsnr.txt Alg. 3, Table 5)", ("nfe", "steps"),
-           frozenset({"placement"}), cost=2),
-    Solver("ode3", "third-order steps (wsnr.txt Alg. 3, Table 5)", ("nfe", "steps"), frozenset({"placement"}), cost=3),
+           frozenset({"placement"}) | _SCHED, cost=2),
+    Solver("ode3", "third-order steps (wsnr.txt Alg. 3, Table 5)", ("nfe", "steps"), frozenset({"placement"}) | _SCHED,
+           cost=3),
     Solver("edm-stochastic", "Heun with churn (edm.txt Alg. 2)", ("nfe", "steps"), _CHURN, cost=2),
     Solver("hybrid", "Midpoint or Heun + Ode3 steps (wsnr.txt Alg. 2)", ("steps",),
-           frozenset({"is_midpoint", "num_ode3", "placement"})),
+           frozenset({"is_midpoint", "num_ode3", "placement"}) | _SCHED),
     Solver("nfe-guided", "plans steps and methods for an NFE budget (wsnr.txt Alg. 1)", ("nfe",),
            frozenset({"h_tau", "placement"})),
-    Solver("dpm-2m", "multistep DPM-Solver++(2M) through diffusers on the Eq. 5 grid", ("nfe", "steps")),
-    Solver("dpm-3m", "multistep DPM-Solver++(3M) through diffusers on the Eq. 5 grid", ("nfe", "steps")),
+    Solver("ipndm", "iPNDM: 4th-order Adams-Bashforth on the slope, lower orders as warm start", ("nfe", "steps"), _SCHED,
+           cost=1),
+    Solver("unipc", "UniPC-bh2 of order 3, data prediction, corrector on every step but the last", ("nfe", "steps"),
+           _SCHED, cost=1),
+    Solver("deis-tab3", "DEIS-tAB: 3-node Lagrange extrapolation in VP time, integrated exactly", ("nfe", "steps"),
+           _SCHED, cost=1),
+    Solver("dpm-2m", "multistep DPM-Solver++(2M) through diffusers", ("nfe", "steps"), _SCHED),
+    Solver("dpm-3m", "multistep DPM-Solver++(3M) through diffusers", ("nfe", "steps"), _SCHED),
 )}
 SAMPLERS = tuple(SOLVERS)
 # samplers whose noise levels do not depend on the denoiser: one grid for every image
@@ -114,6 +123,9 @@ def _check_budget(spec: Solver, nfe, steps) -> None:
         raise ValueError(f"sampler {spec.name!r} takes {other}=, not {given}={nfe if given == 'nfe' else steps}{hint}")
 
 
+_MULTISTEP = {"ipndm": ipndm_sampler, "unipc": unipc_sampler, "deis-tab3": deis_sampler}
+
+
 def _fixed_grid(spec, counter, noise, nfe, steps, sigma_min, sigma_max, rho, options):
     """Fixed methods, hybrid and nfe-guided: one Eq. 5 grid for every image."""
     plan = None
@@ -123,7 +135,8 @@ def _fixed_grid(spec, counter, noise, nfe, steps, sigma_min, sigma_max, rho, opt
         options.update(is_midpoint=plan.is_midpoint, num_ode3=plan.ode3_steps)
     elif steps is None:
         steps = steps_for_nfe(spec.name, nfe)
-    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
+    sigmas = schedule_sigmas(options.pop("schedule", DEFAULT_SCHEDULE), steps, sigma_min, sigma_max, rho,
+                             gits=options.pop("gits", None))
     x = noise * float(sigmas[0])
     if spec.name in ("euler", "midpoint", "ode3"):
         x = rk_sampler(counter, x, sigmas, spec.name, **options)
@@ -131,6 +144,8 @@ def _fixed_grid(spec, counter, noise, nfe, steps, sigma_min, sigma_max, rho, opt
         x = heun_sampler(counter, x, sigmas)
     elif spec.name == "edm-stochastic":
         x = stochastic_sampler(counter, x, sigmas, **options)
+    elif spec.name in _MULTISTEP:
+        x = _MULTISTEP[spec.name](counter, x, sigmas)
     else:  # hybrid / nfe-guided
         x = hybrid_sampler(counter, x, sigmas, **options)
     return x, [float(s) for s in sigmas], plan
@@ -153,7 +168,9 @@ def sample(
 
     ``method``: a name of ``SOLVERS`` (default ``DEFAULT_SAMPLER``).  Give ``nfe`` (a budget, never
     exceeded) or ``steps`` (noise levels), as the sampler takes.  ``rho`` is edm.txt Eq. 5's grid
-    exponent.  ``options`` are the sampler's own (``SOLVERS[method].options``): ``placement`` (log |
+    exponent.  ``options`` are the sampler's own (``SOLVERS[method].options``): ``schedule`` (karras |
+    log-uniform | gits, ``solvers.schedules``; karras when not given) with ``gits`` (the model's
+    ``GITSTable``, not recorded), ``placement`` (log |
     classical, Alg. 3), ``h_tau`` (Alg. 1), ``is_midpoint``/``num_ode3`` (Alg. 2), ``s_churn``,
     ``s_tmin``, ``s_tmax``, ``s_noise``, ``generator`` (edm.txt Alg. 2).  Returns x_0, or
     ``(x_0, SampleInfo)`` with ``return_info=True``; ``SampleInfo.nfe`` is the counted number of
@@ -162,13 +179,16 @@ def sample(
     spec = check_options(method, options)
     _check_budget(spec, nfe, steps)
     options = dict(options)
-    used = {k: v for k, v in options.items() if k != "generator"}
+    used = {k: v for k, v in options.items() if k not in ("generator", "gits")}
     if spec.name == "auto":
         x, info = auto_sample(denoise, noise, nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                               return_info=True)
     elif spec.name in ("dpm-2m", "dpm-3m"):
-        x, info = dpm_solver_pp(denoise, noise, nfe=int(nfe if nfe is not None else steps), sigma_min=sigma_min,
-                                sigma_max=sigma_max, rho=rho, order=int(spec.name[4]), return_info=True)
+        n = int(nfe if nfe is not None else steps)
+        name = options.pop("schedule", DEFAULT_SCHEDULE)
+        grid = None if name == "karras" else schedule_sigmas(name, n, sigma_min, sigma_max, rho, gits=options.pop("gits", None))
+        x, info = dpm_solver_pp(denoise, noise, nfe=n, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                                order=int(spec.name[4]), sigmas=grid, return_info=True)
     else:
         counter = CountingDenoiser(denoise)
         x, sigmas, plan = _fixed_grid(spec, counter, noise, nfe, steps, sigma_min, sigma_max, rho, options)

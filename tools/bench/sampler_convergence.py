@@ -37,6 +37,7 @@ import torch
 
 from latentdiff.diffusion.grids import karras_sigmas
 from latentdiff.solvers.exp_adams import exp_adams_sampler
+from latentdiff.solvers.registry import sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sampler_accuracy import LastCall, reference, rms, solver_table  # noqa: E402
@@ -57,6 +58,9 @@ EXPECTED = {  # textbook orders; "measured" rows are reported as found
     "exp-Adams 2 (PEC)": "3 (AB2 + AM3 corrector)",
     "exp-Adams 3": "3",
     "exp-Adams 3 (PEC)": "4 (AB3 + AM4 corrector)",
+    "iPNDM": "2 (constant-step AB4 weights on a non-uniform grid)",
+    "UniPC-bh2 3": "3-4 (UniP-3 + UniC)",
+    "DEIS-tAB3": "3",
 }
 
 
@@ -76,7 +80,16 @@ def default_methods() -> dict:
     methods["exp-Adams 2 (PEC)"] = _exp_adams(2, True)
     methods["exp-Adams 3"] = _exp_adams(3, False)
     methods["exp-Adams 3 (PEC)"] = _exp_adams(3, True)
+    for label, name in (("iPNDM", "ipndm"), ("UniPC-bh2 3", "unipc"), ("DEIS-tAB3", "deis-tab3")):
+        methods[label] = _registry(name)
     return methods
+
+
+def _registry(method: str):
+    def run(denoise, noise, nfe, smin, smax):
+        return sample(denoise, noise, method=method, nfe=nfe, sigma_min=smin, sigma_max=smax, return_info=True)
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------------
