@@ -1,0 +1,157 @@
+"""Aggregate a schedule study's finished cells: ``study.json``, ``study.md`` and one plot per dataset.
+
+Per (dataset, schedule): every metric's mean +- standard error over the seeds that finished, and the
+paired difference to the baseline schedule over the seeds both finished (t and sign test,
+:mod:`latentdiff.metrics.seed_stats`).  Lower is better for every metric.  The plots put each metric
+against the schedule's median ln sigma (the training distribution's location after its shift), the
+unshifted log-normal points joined as the P_mean sweep and the shift rules' predictions as vertical lines.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from latentdiff.cli.study_cells import read_result
+from latentdiff.cli.study_grid import StudyGrid
+from latentdiff.metrics.seed_stats import mean_se, paired_comparison
+
+__all__ = ["aggregate", "write_report", "is_sweep_point", "METRIC_LABELS"]
+
+METRIC_LABELS = {"val_loss": "validation loss (fixed sigma grid)", "fwd": "FWD", "swd": "SWD x1e3",
+                 "kid_pixels": "KID (pixels)", "kid_wavelet": "KID (wavelet)", "fid": "FID",
+                 "kid_inception": "KID (Inception)"}
+
+
+def is_sweep_point(fields: dict) -> bool:
+    """An unshifted EDM log-normal (the P_mean sweep)."""
+    return fields.get("noise", "wsnr") == "edm" and fields.get("noise_base", "lognormal") == "lognormal"
+
+
+def _cell_stats(rows: list[dict], base_rows: dict, metrics: list[str]) -> dict:
+    out = {"seeds": [r["seed"] for r in rows], "median_log_sigma": rows[0]["median_log_sigma"], "metrics": {}}
+    for m in metrics:
+        vals = [r["metrics"][m] for r in rows if m in r["metrics"]]
+        mean, se, n = mean_se(vals) if vals else (math.nan, math.nan, 0)
+        entry = {"mean": mean, "se": se, "n": n, "values": vals}
+        pairs = [(r["metrics"][m], base_rows[r["seed"]]["metrics"][m]) for r in rows
+                 if r["seed"] in base_rows and m in r["metrics"] and m in base_rows[r["seed"]]["metrics"]]
+        if pairs:
+            entry["vs_baseline"] = paired_comparison([a for a, _ in pairs], [b for _, b in pairs])
+        out["metrics"][m] = entry
+    return out
+
+
+def aggregate(grid: StudyGrid, out: Path) -> dict:
+    """``{"grid", "cells_done", "cells_total", "datasets": {name: {schedule: stats}}}`` of finished cells."""
+    results = {c.key: r for c in grid.cells() if (r := read_result(out, c)) is not None}
+    metrics = sorted({m for r in results.values() for m in r["metrics"]}, key=lambda m: list(METRIC_LABELS).index(m)
+                     if m in METRIC_LABELS else 99)
+    data = {}
+    for d in grid.datasets:
+        base_rows = {r["seed"]: r for r in results.values() if r["dataset"] == d and r["schedule"] == grid.baseline}
+        per = {}
+        for s in grid.schedules:
+            rows = [r for r in results.values() if r["dataset"] == d and r["schedule"] == s]
+            if rows:
+                per[s] = _cell_stats(sorted(rows, key=lambda r: r["seed"]), base_rows, metrics)
+        data[d] = per
+    cpu = [sum(r["cpu_seconds"].values()) for r in results.values() if r.get("cpu_seconds")]
+    return {"grid": grid.to_dict(), "cells_done": len(results), "cells_total": len(grid.cells()), "metrics": metrics,
+            "cpu_seconds_per_cell": mean_se(cpu)[0] if cpu else None, "datasets": data}
+
+
+def _fmt(mean: float, se: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    digits = 3 if abs(mean) >= 1 else 4
+    return f"{mean:.{digits}g} ± {se:.2g}" if not math.isnan(se) else f"{mean:.{digits}g}"
+
+
+def _diff_text(c: dict | None) -> str:
+    if not c or c["n"] == 0:
+        return "-"
+    p = c["p_t"]
+    return (f"{c['mean']:+.3g} ± {c['se']:.2g} (wins {c['wins']}/{c['n']}, "
+            f"t p={p:.2g}, sign p={c['p_sign']:.2g})" if not math.isnan(p) else f"{c['mean']:+.3g} (n={c['n']})")
+
+
+def _best(per: dict, metric: str) -> str:
+    cand = [(v["metrics"][metric]["mean"], s) for s, v in per.items()
+            if metric in v["metrics"] and not math.isnan(v["metrics"][metric]["mean"])]
+    return min(cand)[1] if cand else "-"
+
+
+def study_markdown(agg: dict) -> str:
+    g = agg["grid"]
+    lines = [f"# Schedule study\n\n{agg['cells_done']} of {agg['cells_total']} cells finished; budget "
+             f"{g['budget_images']} training images per cell; seeds {g['seeds']}; sampler {g['sampler']['solver']} "
+             f"NFE {g['sampler']['nfe']} sigma_max {g['sampler']['sigma_max']}, {g['sampler']['samples']} samples "
+             f"against the validation split. Mean ± standard error over seeds; lower is better for every metric; "
+             f"'vs {g['baseline']}' is the paired difference over common seeds.\n"]
+    for d, per in agg["datasets"].items():
+        if not per:
+            continue
+        lines.append(f"\n## {d}\n")
+        head = "| schedule | median ln σ | " + " | ".join(METRIC_LABELS.get(m, m) for m in agg["metrics"]) + " |"
+        lines += [head, "|" + "---|" * (2 + len(agg["metrics"]))]
+        for s, v in sorted(per.items(), key=lambda kv: kv[1]["median_log_sigma"]):
+            cells = [_fmt(v["metrics"][m]["mean"], v["metrics"][m]["se"]) if m in v["metrics"] else "-"
+                     for m in agg["metrics"]]
+            lines.append(f"| {s} (n={len(v['seeds'])}) | {v['median_log_sigma']:+.3f} | " + " | ".join(cells) + " |")
+        lines += ["", "Best mean: " + ", ".join(f"{METRIC_LABELS.get(m, m)}: **{_best(per, m)}**"
+                                                 for m in agg["metrics"]) + ".", "",
+                  f"| paired difference vs {g['baseline']} | " + " | ".join(METRIC_LABELS.get(m, m)
+                                                                          for m in agg["metrics"]) + " |",
+                  "|" + "---|" * (1 + len(agg["metrics"]))]
+        for s, v in sorted(per.items(), key=lambda kv: kv[1]["median_log_sigma"]):
+            if s != g["baseline"]:
+                lines.append(f"| {s} | " + " | ".join(_diff_text(v["metrics"].get(m, {}).get("vs_baseline"))
+                                                       for m in agg["metrics"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_dataset(agg: dict, dataset: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per, g, metrics = agg["datasets"][dataset], agg["grid"], agg["metrics"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    sweep = sorted((v["median_log_sigma"], s) for s, v in per.items() if is_sweep_point(g["schedules"][s]))
+    rules = [(s, v) for s, v in per.items() if not is_sweep_point(g["schedules"][s])]
+    for ax, m in zip(axes[0], metrics):
+        xs = [x for x, s in sweep if m in per[s]["metrics"]]
+        ys = [per[s]["metrics"][m] for _, s in sweep if m in per[s]["metrics"]]
+        ax.errorbar(xs, [y["mean"] for y in ys], yerr=[0 if math.isnan(y["se"]) else y["se"] for y in ys],
+                    fmt="o-", color="k", capsize=3, label="log-normal P_mean sweep")
+        for i, (s, v) in enumerate(rules):
+            y = v["metrics"].get(m)
+            if y is None:
+                continue
+            c = f"C{i}"
+            ax.errorbar([v["median_log_sigma"]], [y["mean"]], yerr=[0 if math.isnan(y["se"]) else y["se"]],
+                        fmt="s", color=c, capsize=3, label=s)
+            if g["schedules"][s].get("noise") in ("wsnr", "resolution"):
+                ax.axvline(v["median_log_sigma"], color=c, ls="--", lw=0.8)
+        ax.set_xlabel("median ln σ of the training distribution")
+        ax.set_title(METRIC_LABELS.get(m, m), fontsize=9)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"{dataset}: metric vs training-noise location (mean ± s.e. over seeds; dashed: rule predictions)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(grid: StudyGrid, out: Path) -> dict:
+    agg = aggregate(grid, out)
+    out = Path(out)
+    (out / "study.json").write_text(json.dumps(agg, indent=1, allow_nan=True))
+    (out / "study.md").write_text(study_markdown(agg) + "".join(
+        f"\n![{d}](study_{d}.png)\n" for d, per in agg["datasets"].items() if per))
+    for d, per in agg["datasets"].items():
+        if per and agg["metrics"]:
+            plot_dataset(agg, d, out / f"study_{d}.png")
+    return agg
