@@ -211,3 +211,34 @@ def test_two_cell_study_end_to_end_and_resume(pixel_dataset, tmp_path, capsys):
     gy.write_text(yaml.safe_dump(grid))
     assert main([str(gy), "--out", str(out), "--cells", "0"]) == 2
     assert "budget_images" in capsys.readouterr().err
+
+
+def test_cell_lock_skips_a_live_owner_and_takes_over_a_dead_one(tmp_path, monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from latentdiff.cli.study_cells import CellBusy, cell_lock
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    lock = tmp_path / "cell.lock"
+    with cell_lock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(CellBusy, match="being run by"):  # a second worker (here: this same live pid)
+            with cell_lock(tmp_path):
+                pass
+    assert not lock.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "slurm": None}))
+    with cell_lock(tmp_path):  # the owner died (killed cell): taken over
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock.write_text(json.dumps({"host": "another-node", "pid": 1, "slurm": "77_3"}))
+    with pytest.raises(CellBusy):
+        with cell_lock(tmp_path):
+            pass
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    with cell_lock(tmp_path):  # the same array task, requeued on another node
+        pass

@@ -12,7 +12,8 @@ continues a study.  After every cell ``STUDY/study.json``, ``STUDY/study.md`` (m
 seeds, paired difference to the baseline with t and sign tests) and ``STUDY/study_<dataset>.png`` (each
 metric against the schedule's median ln sigma, the rules' predictions marked) are rewritten.
 
-A cell records the settings it was run with (``cell.json``); running it again with a different grid
+A cell being run holds ``cell.lock``: several workers (processes or SLURM tasks) may run the same grid,
+each skipping the cells another live worker holds.  A cell records the settings it was run with (``cell.json``); running it again with a different grid
 (budget, train, sampler or eval settings, the schedule's fields or the dataset) is refused instead of
 mixing results.
 """
@@ -24,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from latentdiff.cli.study_cells import CellFailed, cell_dir, run_cell
+from latentdiff.cli.study_cells import CellBusy, CellFailed, cell_dir, run_cell
 from latentdiff.cli.study_grid import Cell, StudyGrid, load_grid
 from latentdiff.cli.study_report import write_report
 from latentdiff.utils.errors import ConfigError
@@ -76,6 +77,9 @@ def run(grid: StudyGrid, out: Path, cells: list[Cell], keep_going: bool = False)
         _check_settings(grid, c, out)
         try:
             r = run_cell(grid, c, out)
+        except CellBusy as e:
+            print(f"[study] skipping {c.key}: {e}", flush=True)
+            continue
         except CellFailed as e:
             print(f"[study] FAILED {e}", file=sys.stderr, flush=True)
             failed.append(c.key)

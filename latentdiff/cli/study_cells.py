@@ -7,9 +7,11 @@ the PNGs that exist; the evaluation is redone when its ``metrics.json`` is missi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ from latentdiff.cli.study_grid import Cell, StudyGrid
 from latentdiff.diffusion.noise import sigma_distribution_from_dict
 from latentdiff.utils.errors import LatentdiffError
 
-__all__ = ["CellFailed", "cell_dir", "run_cell", "train_command", "sample_command", "eval_command", "read_result"]
+__all__ = ["CellBusy", "CellFailed", "cell_lock", "cell_dir", "run_cell", "train_command", "sample_command", "eval_command", "read_result"]
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DS = REPO / "ds_configs" / "zero2.json"
@@ -27,6 +29,59 @@ DEFAULT_DS = REPO / "ds_configs" / "zero2.json"
 
 class CellFailed(LatentdiffError):
     """A stage of a cell exited non-zero (the message names the stage, the command and the log)."""
+
+
+class CellBusy(LatentdiffError):
+    """Another live process (here, or another SLURM task) holds the cell's ``cell.lock``."""
+
+
+def _owner() -> dict:
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm": f"{job}_{task}" if job and task else job}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(lock: dict, me: dict) -> bool:
+    """A lock left by a dead process on this host, or by an earlier run of this very SLURM task (requeued)."""
+    if lock.get("slurm") and lock.get("slurm") == me["slurm"]:
+        return True
+    return lock.get("host") == me["host"] and not _alive(int(lock.get("pid", -1)))
+
+
+@contextlib.contextmanager
+def cell_lock(d: Path):
+    """Hold ``d/cell.lock`` (O_EXCL) while the cell runs; :class:`CellBusy` when a live owner has it."""
+    path, me = d / "cell.lock", _owner()
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                lock = json.loads(path.read_text() or "{}")
+            except (OSError, ValueError):
+                lock = {}
+            if not _stale(lock, me):
+                raise CellBusy(f"{d} is being run by {lock or 'another process'} (remove {path} if that is wrong)") from None
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    raise CellBusy(f"{path}: could not take the lock")
 
 
 def cell_dir(out: Path, cell: Cell) -> Path:
@@ -129,6 +184,14 @@ def run_cell(grid: StudyGrid, cell: Cell, out: Path, log=print) -> dict:
     if res.is_file():
         return json.loads(res.read_text())
     d.mkdir(parents=True, exist_ok=True)
+    with cell_lock(d):
+        return _run_stages(grid, cell, d, log)
+
+
+def _run_stages(grid: StudyGrid, cell: Cell, d: Path, log) -> dict:
+    res = d / "result.json"
+    if res.is_file():  # finished by another process while we waited for the lock
+        return json.loads(res.read_text())
     run, samples, metrics_json, logf = d / "run", d / "samples", d / "metrics.json", d / "cell.log"
     cpu = {}
     t0 = time.time()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from latentdiff.cli.study_cells import read_result
@@ -145,13 +146,20 @@ def plot_dataset(agg: dict, dataset: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename: concurrent writers (SLURM array tasks) never leave a torn file."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    write(tmp)
+    tmp.replace(path)
+
+
 def write_report(grid: StudyGrid, out: Path) -> dict:
     agg = aggregate(grid, out)
     out = Path(out)
-    (out / "study.json").write_text(json.dumps(agg, indent=1, allow_nan=True))
-    (out / "study.md").write_text(study_markdown(agg) + "".join(
-        f"\n![{d}](study_{d}.png)\n" for d, per in agg["datasets"].items() if per))
+    _atomic(out / "study.json", lambda p: p.write_text(json.dumps(agg, indent=1, allow_nan=True)))
+    md = study_markdown(agg) + "".join(f"\n![{d}](study_{d}.png)\n" for d, per in agg["datasets"].items() if per)
+    _atomic(out / "study.md", lambda p: p.write_text(md))
     for d, per in agg["datasets"].items():
         if per and agg["metrics"]:
-            plot_dataset(agg, d, out / f"study_{d}.png")
+            _atomic(out / f"study_{d}.png", lambda p, d=d: plot_dataset(agg, d, p))
     return agg
