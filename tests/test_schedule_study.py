@@ -242,3 +242,14 @@ def test_cell_lock_skips_a_live_owner_and_takes_over_a_dead_one(tmp_path, monkey
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     with cell_lock(tmp_path):  # the same array task, requeued on another node
         pass
+
+
+def test_sweep_optimum_is_the_parabola_vertex():
+    from latentdiff.cli.study_report import sweep_optimum
+
+    xs = [-3.0, -2.0, -1.0, 0.0, 0.5]
+    ys = [(x + 1.3) ** 2 + 2.0 for x in xs]  # an exact parabola: the vertex is recovered exactly
+    x, interior = sweep_optimum(xs[::-1], ys[::-1])
+    assert interior and x == pytest.approx(-1.3, abs=1e-12)
+    assert sweep_optimum(xs, [5, 4, 3, 2, 1]) == (0.5, False)  # monotone: the end of the sweep
+    assert sweep_optimum([0.0, 1.0], [2.0, 1.0]) == (1.0, False)

@@ -1,9 +1,9 @@
 """``latentdiff-schedule-study``: which training noise distribution is best for this data?
 
     latentdiff-schedule-study GRID.yaml --out STUDY [--cells 0-9] [--list] [--report-only]
-    sbatch --array=0-N slurm/study.sbatch GRID.yaml STUDY      # one cell per array task
+    sbatch --array=0-N --export=ALL,GRID=GRID.yaml,OUT=STUDY slurm/study.sbatch
 
-A grid (:mod:`latentdiff.cli.study_grid`) names datasets, schedules (the noise fields of
+The SLURM form runs one cell per array task.  A grid (:mod:`latentdiff.cli.study_grid`) names datasets, schedules (the noise fields of
 ``latentdiff-train``) and seeds at one training budget, one sampler and one set of metrics.  Every cell is
 a real ``latentdiff-train`` run, ``latentdiff-sample`` and ``latentdiff-eval`` against the dataset's
 validation split (:mod:`latentdiff.cli.study_cells`), in ``STUDY/cells/<dataset>/<schedule>/seed<k>``.

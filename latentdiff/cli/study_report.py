@@ -29,6 +29,39 @@ def is_sweep_point(fields: dict) -> bool:
     return fields.get("noise", "wsnr") == "edm" and fields.get("noise_base", "lognormal") == "lognormal"
 
 
+def sweep_optimum(xs, ys) -> tuple[float, bool]:
+    """``(x*, interior)``: the vertex of the parabola through the best point and its two neighbours
+    (Lagrange interpolation; a three-point estimate of the minimum's location), clipped to them; at an
+    end of the sweep (or with fewer than 3 points) the best point itself and ``interior = False``."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    x = [float(xs[i]) for i in order]
+    y = [float(ys[i]) for i in order]
+    k = min(range(len(y)), key=lambda i: y[i])
+    if len(x) < 3 or k in (0, len(x) - 1):
+        return x[k], False
+    (x0, x1, x2), (y0, y1, y2) = x[k - 1:k + 2], y[k - 1:k + 2]
+    den = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / den
+    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / den
+    if a <= 0:
+        return x1, True
+    return min(max(-b / (2 * a), x0), x2), True
+
+
+def _optima(per: dict, schedules: dict, metrics: list[str]) -> dict:
+    """Per metric: the sweep's optimum in median ln sigma and each rule's distance from it."""
+    out = {}
+    for m in metrics:
+        pts = [(v["median_log_sigma"], v["metrics"][m]["mean"]) for s, v in per.items()
+               if is_sweep_point(schedules[s]) and m in v["metrics"] and not math.isnan(v["metrics"][m]["mean"])]
+        if len(pts) < 2:
+            continue
+        x, interior = sweep_optimum([p[0] for p in pts], [p[1] for p in pts])
+        rules = {s: v["median_log_sigma"] - x for s, v in per.items() if not is_sweep_point(schedules[s])}
+        out[m] = {"log_sigma": x, "interior": interior, "rule_offsets": rules}
+    return out
+
+
 def _cell_stats(rows: list[dict], base_rows: dict, metrics: list[str]) -> dict:
     out = {"seeds": [r["seed"] for r in rows], "median_log_sigma": rows[0]["median_log_sigma"], "metrics": {}}
     for m in metrics:
@@ -48,7 +81,7 @@ def aggregate(grid: StudyGrid, out: Path) -> dict:
     results = {c.key: r for c in grid.cells() if (r := read_result(out, c)) is not None}
     metrics = sorted({m for r in results.values() for m in r["metrics"]}, key=lambda m: list(METRIC_LABELS).index(m)
                      if m in METRIC_LABELS else 99)
-    data = {}
+    data, optima = {}, {}
     for d in grid.datasets:
         base_rows = {r["seed"]: r for r in results.values() if r["dataset"] == d and r["schedule"] == grid.baseline}
         per = {}
@@ -57,9 +90,10 @@ def aggregate(grid: StudyGrid, out: Path) -> dict:
             if rows:
                 per[s] = _cell_stats(sorted(rows, key=lambda r: r["seed"]), base_rows, metrics)
         data[d] = per
+        optima[d] = _optima(per, grid.schedules, metrics)
     cpu = [sum(r["cpu_seconds"].values()) for r in results.values() if r.get("cpu_seconds")]
     return {"grid": grid.to_dict(), "cells_done": len(results), "cells_total": len(grid.cells()), "metrics": metrics,
-            "cpu_seconds_per_cell": mean_se(cpu)[0] if cpu else None, "datasets": data}
+            "cpu_seconds_per_cell": mean_se(cpu)[0] if cpu else None, "datasets": data, "optima": optima}
 
 
 def _fmt(mean: float, se: float) -> str:
@@ -101,8 +135,9 @@ def study_markdown(agg: dict) -> str:
                      for m in agg["metrics"]]
             lines.append(f"| {s} (n={len(v['seeds'])}) | {v['median_log_sigma']:+.3f} | " + " | ".join(cells) + " |")
         lines += ["", "Best mean: " + ", ".join(f"{METRIC_LABELS.get(m, m)}: **{_best(per, m)}**"
-                                                 for m in agg["metrics"]) + ".", "",
-                  f"| paired difference vs {g['baseline']} | " + " | ".join(METRIC_LABELS.get(m, m)
+                                                 for m in agg["metrics"]) + "."]
+        lines += _optima_lines(agg.get("optima", {}).get(d, {}))
+        lines += ["", f"| paired difference vs {g['baseline']} | " + " | ".join(METRIC_LABELS.get(m, m)
                                                                           for m in agg["metrics"]) + " |",
                   "|" + "---|" * (1 + len(agg["metrics"]))]
         for s, v in sorted(per.items(), key=lambda kv: kv[1]["median_log_sigma"]):
@@ -110,6 +145,18 @@ def study_markdown(agg: dict) -> str:
                 lines.append(f"| {s} | " + " | ".join(_diff_text(v["metrics"].get(m, {}).get("vs_baseline"))
                                                        for m in agg["metrics"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _optima_lines(opt: dict) -> list[str]:
+    if not opt:
+        return []
+    lines = ["", "Optimum of the P_mean sweep in median ln σ (vertex of the parabola through the best sweep point and its neighbours) "
+                 "and each rule's offset from it:", ""]
+    for m, o in opt.items():
+        x = f"{o['log_sigma']:+.2f}" if o["interior"] else f"at the sweep end {o['log_sigma']:+.2f}"
+        offs = ", ".join(f"{s} {dx:+.2f}" for s, dx in o["rule_offsets"].items())
+        lines.append(f"- {METRIC_LABELS.get(m, m)}: {x}; {offs}")
+    return lines + [""]
 
 
 def plot_dataset(agg: dict, dataset: str, path: Path) -> None:
