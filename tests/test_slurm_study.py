@@ -115,7 +115,7 @@ def _wait_array(c, jid: str, logs: Path, n: int) -> dict:
         if time.time() - t0 > 2 * JOB_TIMEOUT:
             pytest.fail(f"array {jid} still queued after {2 * JOB_TIMEOUT:.0f} s\n{_logs(logs, jid)[-6000:]}")
         time.sleep(0.5)
-    return _array_tasks(cluster, jid, n)
+    return _array_tasks(c, jid, n)
 
 
 def _logs(d: Path, jid: str) -> str:
