@@ -7,6 +7,8 @@
   distribution) and ``noise``, the recipe that chose it,
 * ``sigma_min`` and the data-driven ``sigma_max`` = sqrt(mu_d + alpha sigma_d) (wsnr.txt Eq. 7-8) with the
   moments it came from (:class:`SigmaMaxRule`),
+* ``shift``: the shift rule applied to the base distribution (:mod:`latentdiff.diffusion.shift`:
+  ``rule``, ``log_factor``, ``base``, the rule's details; absent in files written before it existed),
 * ``wsnr``: the WSNR alignment to the 64x64 RGB reference spectrum (wsnr.txt Sec. 4, Eq. 2-3) when
   ``noise == "wsnr"`` (:class:`WSNRAlignment`).
 
@@ -28,7 +30,7 @@ __all__ = ["SCHEDULE_VERSION", "NOISE_KINDS", "NORMALIZATION_KINDS", "SigmaMaxRu
            "TrainingSchedule"]
 
 SCHEDULE_VERSION = 1
-NOISE_KINDS = ("wsnr", "edm", "vp", "ve")
+NOISE_KINDS = ("wsnr", "edm", "resolution", "vp", "ve")
 NORMALIZATION_KINDS = ("sd", "channel", "identity")
 SIGMA_MAX_EQ = "wsnr.txt Eq. 7-8"
 # the values a resumed training must find unchanged (the others are diagnostics)
@@ -49,6 +51,16 @@ def _require(d, keys, where: str) -> None:
     missing = [k for k in keys if k not in d]
     if missing:
         raise ExportError(f"{where}: missing field(s) {', '.join(missing)}")
+
+
+def _shift_record(rec, where: str) -> dict | None:
+    """The shift record (``rule``, ``log_factor``, ``base`` and the rule's details) or None (older files)."""
+    if rec is None:
+        return None
+    if not isinstance(rec, dict) or "rule" not in rec or "log_factor" not in rec:
+        raise ExportError(f"{where}.shift: expected an object with 'rule' and 'log_factor', got {rec!r}")
+    _number(rec, "log_factor", f"{where}.shift")
+    return dict(rec)
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,7 @@ class TrainingSchedule:
     noise: str | None = None
     sigma_max_rule: SigmaMaxRule | None = None
     wsnr: WSNRAlignment | None = None
+    shift: dict | None = None
     model_space_rms: float | None = None
     stats_shards_hash: str | None = None
     version: int = field(default=SCHEDULE_VERSION)
@@ -166,6 +179,8 @@ class TrainingSchedule:
             out["sigma_max_rule"] = self.sigma_max_rule.to_dict()
         if self.wsnr is not None:
             out["wsnr"] = self.wsnr.to_dict()
+        if self.shift is not None:
+            out["shift"] = dict(self.shift)
         return out
 
     @classmethod
@@ -173,7 +188,7 @@ class TrainingSchedule:
         """Parse and validate a :meth:`to_dict` record (:class:`ExportError` naming ``where``)."""
         _require(d, ("normalization", "sigma_data", "sigma_min", "sigma_max", "sigma_dist"), where)
         known = {"version", "normalization", "sigma_data", "sigma_min", "sigma_max", "sigma_dist", "noise",
-                 "model_space_rms", "stats_shards_hash", "sigma_max_rule", "wsnr", *_LEGACY_KEYS}
+                 "model_space_rms", "stats_shards_hash", "sigma_max_rule", "wsnr", "shift", *_LEGACY_KEYS}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ExportError(f"{where}: unknown field(s) {', '.join(unknown)}")
@@ -188,6 +203,7 @@ class TrainingSchedule:
             sigma_max=_number(d, "sigma_max", where), sigma_dist=d["sigma_dist"], noise=d.get("noise"),
             sigma_max_rule=None if rule is None else SigmaMaxRule.from_dict(rule, f"{where}.sigma_max_rule"),
             wsnr=None if wsnr is None else WSNRAlignment.from_dict(wsnr, f"{where}.wsnr"),
+            shift=_shift_record(d.get("shift"), where),
             model_space_rms=None if rms is None else _number(d, "model_space_rms", where),
             stats_shards_hash=d.get("stats_shards_hash"), version=int(d.get("version", SCHEDULE_VERSION)),
         ).validate(where)

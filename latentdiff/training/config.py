@@ -24,7 +24,8 @@ from latentdiff.utils.errors import ConfigError
 __all__ = ["TrainConfig", "RESUME_SAFE_FIELDS", "config_diff"]
 
 NORMALIZATIONS = ("sd", "channel")
-NOISES = ("wsnr", "edm", "vp", "ve")
+NOISES = ("wsnr", "edm", "resolution", "vp", "ve")
+NOISE_BASES = ("lognormal", "logit_normal", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESUME_MODES = ("auto", "never", "must")
 VERIFY_MODES = ("sample", "sha256", "size", "none")
@@ -71,9 +72,16 @@ class TrainConfig:
                                          "((z - mean_c) / std_c * sigma_target from stats.json)")
     sigma_target: float = _opt(0.5, "target std per channel for normalization=channel")
     sigma_data: float = _opt(0.0, "EDM sigma_data; 0 = the RMS of the model-space latents from stats.json")
-    noise: str = _opt("wsnr", "training sigma distribution: wsnr (EDM log-normal aligned by WSNR) | edm | vp | ve")
+    noise: str = _opt("wsnr", "shift rule applied to noise_base: wsnr (aligned by WSNR to the reference, wsnr.txt "
+                              "Sec. 4) | resolution (ln sigma + ln(side/resolution_ref), SD3 / simple diffusion) | "
+                              "edm (unshifted) | vp | ve (edm.txt Table 1; noise_base ignored)")
+    noise_base: str = _opt("lognormal", "base sigma distribution: lognormal (EDM, p_mean/p_std) | logit_normal "
+                                        "(SD3, logit_m/logit_s at unit data variance) | cosine (simple diffusion)")
     p_mean: float = _opt(-1.2, "EDM log-normal P_mean (on the WSNR reference spectrum for noise=wsnr)")
     p_std: float = _opt(1.2, "EDM log-normal P_std")
+    logit_m: float = _opt(0.0, "SD3 logit-normal location m (noise_base=logit_normal; Esser et al. 2024 Sec. 3.1)")
+    logit_s: float = _opt(1.0, "SD3 logit-normal scale s (noise_base=logit_normal)")
+    resolution_ref: int = _opt(64, "reference side d_ref of noise=resolution (pixels of the array the denoiser sees)")
     wsnr_reference: str = _opt("", "WSNR reference: '' = this dataset's 64x64 RGB spectrum, or another encoded dataset")
     wsnr_include_dc: bool = _opt(True, "WSNR with the zero frequency (wsnr.txt Eq. 2 as written); false = DC-free")
     sigma_min: float = _opt(0.002, "smallest sigma of the sampling grid (edm.txt Eq. 5)")
@@ -154,7 +162,8 @@ class TrainConfig:
             e.append("dataset: required; point it at an encoded dataset (tools/encode_latents.py --output DIR)")
         elif not (Path(self.dataset) / "dataset.json").is_file():
             e.append(f"dataset: {self.dataset}/dataset.json not found; encode first with tools/encode_latents.py")
-        for name, choices in (("normalization", NORMALIZATIONS), ("noise", NOISES), ("precision", PRECISIONS),
+        for name, choices in (("normalization", NORMALIZATIONS), ("noise", NOISES), ("noise_base", NOISE_BASES),
+                              ("precision", PRECISIONS),
                               ("resume", RESUME_MODES), ("verify_shards", VERIFY_MODES), ("sample_solver", SAMPLERS),
                               ("snapshot_dtype", SNAPSHOT_DTYPES), ("adamw_impl", ADAMW_IMPLS)):
             if getattr(self, name) not in choices:
@@ -172,7 +181,7 @@ class TrainConfig:
         e = []
         if not 0 <= self.label_dropout < 1:
             e.append(f"label_dropout: {self.label_dropout} must be in [0, 1)")
-        for name in ("sigma_target", "p_std", "sigma_min", "lr"):
+        for name in ("sigma_target", "p_std", "logit_s", "sigma_min", "lr"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 e.append(f"{name}: {v!r} must be a positive number")
@@ -189,7 +198,7 @@ class TrainConfig:
                             "heldout_batch", "num_workers", "snapshot_every_images", "snapshot_keep",
                             "val_every", "eval_every"), 0),
                           (("checkpoint_every", "keep_last", "log_every", "stop_check_every", "sample_count", "sample_nfe",
-                            "val_samples", "eval_samples",
+                            "val_samples", "resolution_ref", "eval_samples",
                             "fp16_max_min_scale_steps"), 1)):
             for name in names:
                 v = getattr(self, name)
